@@ -1,0 +1,30 @@
+"""Shared fixtures: one tiny base / LRM / VLM trio of the real classes, built once per session."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import toy  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench: benchmarks, deselected by default (pytest -m bench)")
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_path_factory):
+    """{"base", "lrm", "vlm", "data"}: save_pretrained directories and a calibration .jsonl."""
+    return toy.build_tiny_trio(str(tmp_path_factory.mktemp("trio")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Benchmarks run only when asked for with -m bench."""
+    if config.getoption("-m"):
+        return
+    keep = [item for item in items if "bench" not in item.keywords]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep

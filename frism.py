@@ -1,0 +1,632 @@
+"""FRISM: Fine-grained Reasoning Injection via Subspace-level Model merging.
+
+Reference implementation of arXiv 2601.21187 (ICML 2026), one file, top to bottom:
+
+  0. check the inputs (cheap: configs and safetensors headers only)
+  1. load the VLM and its processor
+  2. task vectors   tau = theta_lrm - theta_base, streamed one linear layer at a time
+  3. thin SVD       tau = U diag(S) Vh, U/S/Vh frozen                          (Stage 1)
+  4. gated layers   W = W_vlm + lam * U diag(sigmoid(g) * S) Vh, g = 0         (Eq. 7)
+  5. label-free self-distillation on perception data: only g is trained
+        L = KL(p_vlm || p_merged) + alpha * L_inject                           (Eq. 8-10)
+  6. fold each gated layer back into a plain nn.Linear and save the merged VLM
+
+Lines marked "ours" implement a choice the paper leaves open; README.md lists them all.
+
+    python frism.py --vlm Qwen/Qwen2.5-VL-7B-Instruct \
+                    --lrm deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --base Qwen/Qwen2.5-Math-7B \
+                    --out merged/
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+# The linear layers FRISM merges, by their path inside one decoder layer. Ours: the paper says
+# "each linear layer" of the language model; embeddings, norms, biases and lm_head stay the VLM's.
+MERGED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# On-disk names differ between checkpoints ("model.layers.3...", "model.language_model.layers.3...",
+# "language_model.model.layers.3..."): everything is matched by the path inside the decoder.
+DECODER_PATH = re.compile(r"(?:^|\.)(layers\.\d+\.(?:%s))\.weight$" % "|".join(
+    re.escape(m) for m in MERGED))
+# Config fields that fix a merged weight's shape must agree; these others only earn a warning.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim")
+SOFT_FIELDS = ("rope_theta", "vocab_size", "max_position_embeddings")
+VIZWIZ = "lmms-lab/VizWiz-VQA"  # the paper's calibration set; columns: image, question, answers
+
+
+class InputError(Exception):
+    """A problem with what the user asked for: reported as one sentence, exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--vlm", required=True, help="the VLM: hub id or local save_pretrained directory")
+    p.add_argument("--lrm", required=True, help="the reasoning LLM whose task vector is injected")
+    p.add_argument("--base", required=True,
+                   help="the LLM the LRM was fine-tuned from; tau = LRM - base")
+    p.add_argument("--out", required=True, help="directory for the merged model (must not exist "
+                   "or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--data", default=VIZWIZ, help="label-free perception set: a .jsonl file of "
+                   '{"image": path, "question": text} lines, a hub dataset id, a local directory '
+                   "of data files, or a datasets.save_to_disk directory")
+    p.add_argument("--data-split", default="val", help="split of a hub/local dataset")
+    p.add_argument("--image-column", default="image", help="image column of a dataset")
+    p.add_argument("--question-column", default="question", help="question column of a dataset")
+    p.add_argument("--num-samples", type=int, default=512,
+                   help="use at most this many calibration questions (ours)")
+    p.add_argument("--max-pixels", type=int, default=512 * 28 * 28,
+                   help="shrink larger images to this many pixels (ours: VizWiz photos are large)")
+    p.add_argument("--lam", type=float, default=1.0,
+                   help="lambda_lrm of Eq. 7: each gate then scales its subspace from 0 to lam")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_inject in Eq. 10")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps on the gates")
+    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates")
+    p.add_argument("--batch-size", type=int, default=4, help="questions per forward pass")
+    p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="length limit of the teacher's cached answers")
+    p.add_argument("--rank", type=int, default=None,
+                   help="keep only the top-k subspaces of each layer (default: all)")
+    p.add_argument("--no-train", action="store_true", help="skip training and open every gate: "
+                   "Task Arithmetic W = W_vlm + lam * tau (truncated to --rank if given)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="working dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. Check the inputs before anything heavy
+# ----------------------------------------------------------------------------------------------
+
+def local_dir(name, flag):
+    """A local model directory as is; a hub id downloaded (or found in the hub cache)."""
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise InputError(f"{flag} {name!r} is not a model directory or a hub id.")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                       "*.jinja", "*.model", "*.tiktoken"])
+    except Exception as e:
+        raise InputError(f"{flag} {name!r} could not be fetched from the hub ({type(e).__name__})."
+                         ) from e
+
+
+def text_config(path):
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise InputError(f"{path!r} has no readable config.json ({e}).") from e
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def config_value(cfg, field):
+    if field == "head_dim":
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if field == "rope_theta":
+        return getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None)
+                                                    or {}).get("rope_theta")
+    return getattr(cfg, field, None)
+
+
+def check_configs(vlm_cfg, others):
+    """Ours: shapes must match exactly; rope_theta, vocab and max positions may differ."""
+    for flag, cfg in others.items():
+        for field in SHAPE_FIELDS:
+            a, b = config_value(vlm_cfg, field), config_value(cfg, field)
+            if a != b:
+                raise InputError(f"{flag} does not match the VLM's language model: {field} is "
+                                 f"{b} there and {a} in the VLM, so their weights cannot be merged.")
+        for field in SOFT_FIELDS:
+            a, b = config_value(vlm_cfg, field), config_value(cfg, field)
+            if a != b:
+                warnings.warn(f"{flag} has {field}={b} where the VLM has {a}; merging anyway.")
+
+
+def expected_shapes(cfg):
+    """Shape (d_out, d_in) of every merged weight, from the config alone."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * config_value(cfg, "head_dim"), \
+        cfg.num_key_value_heads * config_value(cfg, "head_dim")
+    per_layer = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h),
+                 "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q),
+                 "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    return {f"layers.{n}.{m}": s for n in range(cfg.num_hidden_layers)
+            for m, s in per_layer.items()}
+
+
+def safetensors_index(path, flag):
+    """Map each merged layer's decoder path to (file, on-disk name, shape), reading headers only."""
+    from safetensors import safe_open
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise InputError(f"{flag} {path!r} holds no .safetensors weights.")
+    index = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), "pt") as f:
+            for key in f.keys():
+                m = DECODER_PATH.search(key)
+                if m:
+                    index[m.group(1)] = (os.path.join(path, file), key,
+                                         tuple(f.get_slice(key).get_shape()))
+    return index
+
+
+def check_weights(expected, indexes):
+    for flag, index in indexes.items():
+        for name, shape in expected.items():
+            if name not in index:
+                raise InputError(f"{flag} has no weight for {name}; is it the same architecture "
+                                 f"as the VLM's language model?")
+            if index[name][2] != shape:
+                raise InputError(f"{flag} weight {name} has shape {index[name][2]}, "
+                                 f"the VLM's has {shape}.")
+
+
+def check_out(args, inputs):
+    out = os.path.abspath(args.out)
+    for path in inputs:
+        path = os.path.abspath(path)
+        if out == path or out.startswith(path + os.sep) or path.startswith(out + os.sep):
+            raise InputError(f"--out {args.out!r} overlaps the input {path!r}; inputs are never "
+                             f"modified, choose another directory.")
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not args.overwrite):
+        raise InputError(f"--out {args.out!r} exists and is not empty; pass --overwrite to "
+                         f"replace it.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Label-free calibration data (perception questions and images, no answers)
+# ----------------------------------------------------------------------------------------------
+
+def fit_pixels(image, max_pixels):
+    """Shrink an image to at most max_pixels, keeping its aspect ratio (ours)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h > max_pixels:
+        s = math.sqrt(max_pixels / (w * h))
+        image = image.resize((max(28, int(w * s)), max(28, int(h * s))))
+    return image
+
+
+def load_calibration(args):
+    """A list of (image, question) pairs: from a .jsonl file, or a hub/local dataset."""
+    from PIL import Image
+    samples = []
+    if args.data.endswith(".jsonl"):
+        if not os.path.isfile(args.data):
+            raise InputError(f"--data {args.data!r} does not exist.")
+        root = os.path.dirname(os.path.abspath(args.data))
+        with open(args.data) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    image = os.path.join(root, item["image"])
+                    samples.append((Image.open(image), item["question"]))
+                except (ValueError, KeyError, OSError) as e:
+                    raise InputError(f"--data {args.data!r} line {n} is not a usable "
+                                     f'{{"image": path, "question": text}} item ({e}).') from e
+                if len(samples) == args.num_samples:
+                    break
+    else:
+        for example in dataset_rows(args):
+            samples.append((example[args.image_column], example[args.question_column]))
+            if len(samples) == args.num_samples:
+                break
+    if not samples:
+        raise InputError(f"--data {args.data!r} holds no calibration questions.")
+    return [(fit_pixels(image, args.max_pixels), question) for image, question in samples]
+
+
+def dataset_rows(args):
+    """Rows of a hub dataset, streamed (only what is used is downloaded), or a saved one."""
+    import datasets
+    try:
+        if os.path.isfile(os.path.join(args.data, "dataset_info.json")) or os.path.isfile(
+                os.path.join(args.data, "dataset_dict.json")):
+            ds = datasets.load_from_disk(args.data)
+            ds = ds[args.data_split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(args.data, split=args.data_split, streaming=True)
+    except Exception as e:
+        raise InputError(f"--data {args.data!r} split {args.data_split!r} could not be loaded "
+                         f"({type(e).__name__}: {e}).") from e
+    columns = ds.column_names or list(ds.features or [])
+    for column in (args.image_column, args.question_column):
+        if columns and column not in columns:
+            raise InputError(f"--data {args.data!r} has no column {column!r} (it has {columns}).")
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Load the VLM. Only its language model is merged; vision tower and merger stay as they are.
+# ----------------------------------------------------------------------------------------------
+
+def load_vlm(path, args):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    model.to(args.device).eval().requires_grad_(False)
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def decoder_layers(model):
+    """{decoder path ("layers.3.mlp.up_proj"): (module path in the VLM, nn.Linear)}."""
+    decoder = model.get_decoder()
+    prefix = next(name for name, m in model.named_modules() if m is decoder)
+    return {name: (f"{prefix}.{name}", module) for name, module in decoder.named_modules()
+            if isinstance(module, nn.Linear) and DECODER_PATH.search(name + ".weight")}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Task vectors, streamed: tau = theta_lrm - theta_base, one tensor at a time, in fp32
+# ----------------------------------------------------------------------------------------------
+
+def task_vectors(lrm_index, base_index, names):
+    from safetensors import safe_open
+    for name in names:
+        (lrm_file, lrm_key, _), (base_file, base_key, _) = lrm_index[name], base_index[name]
+        with safe_open(lrm_file, "pt") as a, safe_open(base_file, "pt") as b:
+            yield name, a.get_tensor(lrm_key).float() - b.get_tensor(base_key).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Thin SVD of each task vector (Stage 1)
+# ----------------------------------------------------------------------------------------------
+
+def decompose(tau, rank, device):
+    """tau = U diag(S) Vh in fp32, singular values descending, optionally the top-k only."""
+    U, S, Vh = torch.linalg.svd(tau.to(device), full_matrices=False)
+    return U[:, :rank], S[:rank], Vh[:rank]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The gated layer (Eq. 7): W = W_vlm + lam * U diag(sigmoid(g) * S) Vh
+# ----------------------------------------------------------------------------------------------
+
+class GatedLinear(nn.Module):
+    """A frozen VLM linear layer plus the LRM's task vector, one sigmoid gate per subspace."""
+
+    def __init__(self, base, U, S, Vh, lam):
+        super().__init__()
+        self.base, self.lam, self.delta_on = base, lam, True
+        dtype = base.weight.dtype  # ours: U, Vh in the working dtype; S and g in fp32
+        self.register_buffer("U", U.to(dtype), persistent=False)
+        self.register_buffer("Vh", Vh.to(dtype), persistent=False)
+        self.register_buffer("S", S.float(), persistent=False)
+        self.g = nn.Parameter(torch.zeros_like(self.S))  # paper: gates start at 0
+
+    def effective_S(self):
+        return torch.sigmoid(self.g) * self.S  # S_eff of Eq. 7
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.delta_on:  # the teacher: exactly the VLM's layer
+            return y
+        # Eq. 7 applied as a low-rank path; the dense delta is never materialised.
+        scale = (self.lam * self.effective_S()).to(x.dtype)
+        return y + ((x @ self.Vh.T) * scale) @ self.U.T
+
+    @torch.no_grad()
+    def folded_weight(self):
+        """The Eq. 7 weight as one dense matrix: computed in fp32, cast once (ours)."""
+        delta = (self.U.float() * self.effective_S()) @ self.Vh.float()
+        return (self.base.weight.float() + self.lam * delta).to(self.base.weight.dtype)
+
+
+def set_module(model, path, module):
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def inject(model, lrm_index, base_index, args):
+    """Steps 2-4: replace every merged nn.Linear by a GatedLinear, one layer at a time."""
+    layers, gated = decoder_layers(model), {}
+    taus = task_vectors(lrm_index, base_index, list(layers))
+    for name, tau in tqdm(taus, total=len(layers), desc="SVD of task vectors"):
+        path, linear = layers[name]
+        U, S, Vh = decompose(tau, args.rank, args.device)
+        del tau  # ours: nothing but the frozen factors outlives this loop
+        gated[path] = GatedLinear(linear, U.to(args.device), S, Vh.to(args.device), args.lam)
+        set_module(model, path, gated[path])
+    return gated
+
+
+@contextlib.contextmanager
+def deltas_off(gated):
+    """With every delta off the merged model *is* the VLM: the teacher, without a second copy."""
+    for layer in gated.values():
+        layer.delta_on = False
+    try:
+        yield
+    finally:
+        for layer in gated.values():
+            layer.delta_on = True
+
+
+def task_arithmetic(model, lrm_index, base_index, args):
+    """--no-train at full rank: W = W_vlm + lam * tau exactly, with no SVD (Task Arithmetic)."""
+    layers = decoder_layers(model)
+    for name, tau in tqdm(task_vectors(lrm_index, base_index, list(layers)), total=len(layers),
+                          desc="Task Arithmetic"):
+        w = layers[name][1].weight
+        w.copy_((w.float() + args.lam * tau.to(w.device)).to(w.dtype))
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Label-free self-distillation (Eq. 8-10): only the gates g are trained
+# ----------------------------------------------------------------------------------------------
+
+def chat_prompt(processor, question):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def teacher_answers(model, processor, gated, samples, args):
+    """Ours: the teacher (every delta off) answers each question once, greedily; the answer ids
+    are cached, the closing end-of-turn token included. Empty answers are dropped."""
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop]) | {processor.tokenizer.eos_token_id}
+    cached = []
+    with deltas_off(gated):
+        for i in tqdm(range(0, len(samples), args.batch_size), desc="Teacher answers"):
+            chunk = samples[i:i + args.batch_size]
+            inputs = processor(text=[chat_prompt(processor, q) for _, q in chunk],
+                               images=[image for image, _ in chunk], padding=True,
+                               padding_side="left", return_tensors="pt").to(args.device)
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            for (image, question), ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
+                ends = [n for n, t in enumerate(ids) if t in stop]
+                answer = ids[:ends[0] + 1] if ends else ids  # cut by the limit: kept as it is
+                if answer[0] not in stop:
+                    cached.append((image, question, answer))
+    return cached
+
+
+def make_batch(processor, items, device):
+    """Prompt + cached answer per item, right-padded. mask[b, t] is True where the token at t+1
+    is an answer token: the logits at t predict it (ours, see README)."""
+    rows = [processor(text=[chat_prompt(processor, q)], images=[image], return_tensors="pt")
+            for image, q, _ in items]
+    length = max(row["input_ids"].shape[1] + len(a) for row, (_, _, a) in zip(rows, items))
+    per_token = [k for k, v in rows[0].items() if v.shape == rows[0]["input_ids"].shape]
+    batch = {k: [] for k in rows[0]}
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for b, (row, (_, _, answer)) in enumerate(zip(rows, items)):
+        n, a = row["input_ids"].shape[1], torch.tensor([answer])
+        tail = {"input_ids": a, "attention_mask": torch.ones_like(a)}
+        for k, v in row.items():
+            if k in per_token:
+                v = torch.cat([v, tail.get(k, torch.zeros_like(a))], 1)
+                pad = processor.tokenizer.pad_token_id if k == "input_ids" else 0
+                v = F.pad(v, (0, length - v.shape[1]), value=pad)
+            batch[k].append(v)
+        mask[b, n - 1:n - 1 + len(answer)] = True
+    return {k: torch.cat(v).to(device) for k, v in batch.items()}, mask.to(device)
+
+
+def answer_logits(model, batch, mask):
+    """Logits at the answer positions only: the full (batch, length, vocab) tensor is never built."""
+    hidden = model.model(**batch, use_cache=False).last_hidden_state
+    return model.lm_head(hidden[mask]).float()
+
+
+def distill_loss(model, gated, batch, mask):
+    """Eq. 8: KL(p_vlm || p_merged) per answer token over the full vocabulary, token mean (ours)."""
+    with torch.no_grad(), deltas_off(gated):
+        teacher = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
+    student = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def inject_loss(gated):
+    """Eq. 9, normalised by sum_l ||S^l||^2 (ours, after the paper's Appendix H): in (-1, 0)."""
+    energy = sum((layer.effective_S() ** 2).sum() for layer in gated.values())
+    return -energy / sum((layer.S ** 2).sum() for layer in gated.values())
+
+
+def mean_gate(gated):
+    gates = torch.cat([torch.sigmoid(layer.g.detach()).flatten() for layer in gated.values()])
+    return gates.mean().item()
+
+
+def batches(items, size, seed):
+    """The calibration set, shuffled and cycled for as long as training asks (ours)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for i in range(0, len(order), size):
+            yield [items[j] for j in order[i:i + size]]
+
+
+def train(model, processor, gated, answers, args):
+    gates = [layer.g for layer in gated.values()]
+    # Ours: AdamW without weight decay, which would pull every gate towards 0.5.
+    optimizer = torch.optim.AdamW(gates, lr=args.lr, weight_decay=0.0)
+    data, history = batches(answers, args.batch_size, args.seed), []
+    bar = tqdm(range(1, args.steps + 1), desc="Training gates")
+    for step in bar:
+        kl_total = 0.0
+        for _ in range(args.grad_accum):
+            batch, mask = make_batch(processor, next(data), args.device)
+            kl = distill_loss(model, gated, batch, mask)
+            inject = inject_loss(gated)
+            loss = kl + args.alpha * inject  # Eq. 10
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()} at step {step}; try a "
+                                         f"smaller --lr or --lam, or --dtype float32.")
+            (loss / args.grad_accum).backward()
+            kl_total += kl.item() / args.grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step, "loss": kl_total + args.alpha * inject.item(),
+                        "kl": kl_total, "injected": -inject.item(), "mean_gate": mean_gate(gated)})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kl=f"{kl_total:.4f}",
+                        injected=f"{-inject.item():.3f}", gate=f"{history[-1]['mean_gate']:.3f}")
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Fold the gates into plain dense weights and save an ordinary VLM checkpoint
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fold(model, gated):
+    for path, layer in gated.items():
+        layer.base.weight.copy_(layer.folded_weight())
+        set_module(model, path, layer.base)
+
+
+def gate_statistics(gated):
+    stats = {}
+    for path, layer in gated.items():
+        s, S = torch.sigmoid(layer.g.detach()), layer.S
+        stats[path] = {"rank": len(s), "mean": s.mean().item(), "min": s.min().item(),
+                       "max": s.max().item(), "open": (s > 0.5).float().mean().item(),
+                       "injected": ((s * S) ** 2).sum().item() / (S ** 2).sum().item()}
+    return stats
+
+
+def save(model, processor, gates, report, args, dtype):
+    """Write everything into a hidden sibling directory, then rename it into place: an
+    interrupted run never leaves a complete-looking model behind."""
+    from safetensors.torch import save_file
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private
+    try:
+        model.to(dtype).save_pretrained(tmp)  # the input checkpoint's dtype and tensor names
+        processor.save_pretrained(tmp)
+        save_file({path: g.float().cpu().contiguous() for path, g in gates.items()},
+                  os.path.join(tmp, "frism_gates.safetensors"))
+        with open(os.path.join(tmp, "frism_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(out):  # empty, or --overwrite was given
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def checkpoint_dtype(path, default):
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else default
+
+
+def peak_memory():
+    memory = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    if torch.cuda.is_available():
+        memory["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return memory
+
+
+def versions():
+    import transformers
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def run(args):
+    seconds, t = {}, time.perf_counter()
+
+    def lap(stage):
+        nonlocal t
+        seconds[stage] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+
+    for flag in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+    vlm, lrm, base = (local_dir(getattr(args, k), f"--{k}") for k in ("vlm", "lrm", "base"))
+    check_out(args, [vlm, lrm, base])
+    vlm_cfg = text_config(vlm)
+    check_configs(vlm_cfg, {"--lrm": text_config(lrm), "--base": text_config(base)})
+    lrm_index, base_index = safetensors_index(lrm, "--lrm"), safetensors_index(base, "--base")
+    check_weights(expected_shapes(vlm_cfg), {"--lrm": lrm_index, "--base": base_index})
+    samples = None if args.no_train else load_calibration(args)
+    lap("check")
+
+    model, processor = load_vlm(vlm, args)  # 1
+    lap("load")
+    history, answers = [], []
+    if args.no_train and args.rank is None:  # Task Arithmetic needs no SVD
+        layers = task_arithmetic(model, lrm_index, base_index, args)
+        gates = {path: torch.full((min(m.weight.shape),), math.inf) for path, m in layers.values()}
+        lap("task_arithmetic")
+    else:
+        gated = inject(model, lrm_index, base_index, args)  # 2-4
+        lap("svd")
+        if args.no_train:
+            for layer in gated.values():
+                layer.g.data.fill_(math.inf)  # every kept gate fully open
+        else:
+            answers = teacher_answers(model, processor, gated, samples, args)  # 5
+            if not answers:
+                raise InputError("the VLM gave an empty answer to every calibration question; "
+                                 "check --data and --max-new-tokens.")
+            lap("teacher")
+            history = train(model, processor, gated, answers, args)
+            lap("train")
+        gates, stats = {p: layer.g.detach() for p, layer in gated.items()}, gate_statistics(gated)
+        fold(model, gated)  # 6
+        lap("fold")
+    report = {"args": vars(args), "versions": versions(), "seconds": seconds,
+              "memory": peak_memory(), "calibration": {"questions": len(samples or []),
+                                                       "answers": len(answers)},
+              "loss_curve": history,
+              "gates": stats if gates and not (args.no_train and args.rank is None) else {}}
+    save(model, processor, gates, report, args, checkpoint_dtype(vlm, model.dtype))
+    return report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    try:
+        report = run(args)
+    except (InputError, FloatingPointError) as e:
+        print(f"frism.py: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, InputError) else 1
+    print(f"Merged model written to {args.out} ({sum(report['seconds'].values()):.1f} s).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Each test states one property of FRISM, on a tiny trio of the real Hugging Face classes."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import frism
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def settings(trio, out="unused", *extra):
+    return frism.parse_args(["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"],
+                             "--out", str(out), "--data", trio["data"], "--max-new-tokens", "6",
+                             "--batch-size", "4", *extra])
+
+
+def tensors(path):
+    """Every tensor of a save_pretrained directory, by its on-disk name."""
+    out = {}
+    for file in sorted(f for f in os.listdir(path) if f.startswith("model") and f.endswith(
+            ".safetensors")):
+        out.update(load_file(os.path.join(path, file)))
+    return out
+
+
+def task_vector(trio, name):
+    """tau of one decoder weight, read independently of frism.py."""
+    lrm, base = tensors(trio["lrm"]), tensors(trio["base"])
+    key = "model." + name + ".weight"
+    return lrm[key].float() - base[key].float()
+
+
+def merged_model(trio, *extra):
+    """The VLM with every merged layer wrapped, plus the settings and the raw VLM outputs."""
+    args = settings(trio, "unused", *extra)
+    model, processor = frism.load_vlm(trio["vlm"], args)
+    lrm = frism.safetensors_index(trio["lrm"], "--lrm")
+    base = frism.safetensors_index(trio["base"], "--base")
+    gated = frism.inject(model, lrm, base, args)
+    return model, processor, gated, args
+
+
+def a_batch(trio, processor, args):
+    samples = frism.load_calibration(args)
+    items = [(image, q, [100, 101, 102]) for image, q in samples[:3]]  # any fixed answer ids
+    return frism.make_batch(processor, items, args.device)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch[0]).logits
+
+
+# ---- Eq. 7 -----------------------------------------------------------------------------------
+
+def test_gates_closed_is_the_vlm_bit_for_bit(trio):
+    model, processor, gated, args = merged_model(trio)
+    vlm, _ = frism.load_vlm(trio["vlm"], args)
+    batch = a_batch(trio, processor, args)
+    for layer in gated.values():
+        layer.g.data.fill_(-math.inf)
+    assert torch.equal(logits(model, batch), logits(vlm, batch))
+    frism.fold(model, gated)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 vlm.state_dict().values()))
+
+
+def test_deltas_off_is_the_vlm_bit_for_bit(trio):
+    model, processor, gated, args = merged_model(trio)
+    vlm, _ = frism.load_vlm(trio["vlm"], args)
+    batch = a_batch(trio, processor, args)
+    with frism.deltas_off(gated):
+        assert torch.equal(logits(model, batch), logits(vlm, batch))
+    assert not torch.equal(logits(model, batch), logits(vlm, batch))  # and back on afterwards
+
+
+def test_gates_open_is_task_arithmetic(trio):
+    model, _, gated, args = merged_model(trio, "--lam", "0.7")
+    for path, layer in gated.items():
+        layer.g.data.fill_(math.inf)
+        name = path.split("language_model.", 1)[1]
+        expected = layer.base.weight + 0.7 * task_vector(trio, name)
+        torch.testing.assert_close(layer.folded_weight(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_low_rank_forward_equals_the_dense_eq7_layer(trio):
+    _, _, gated, _ = merged_model(trio, "--lam", "0.8")
+    layer = gated["model.language_model.layers.1.mlp.down_proj"]
+    layer.g.data = torch.randn_like(layer.g) * 2
+    x = torch.randn(3, 5, layer.base.in_features)
+    dense = F.linear(x, layer.folded_weight(), layer.base.bias)
+    torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-4)
+
+
+def test_folding_preserves_the_outputs(trio):
+    model, processor, gated, args = merged_model(trio)
+    for layer in gated.values():
+        layer.g.data = torch.randn_like(layer.g)
+    batch = a_batch(trio, processor, args)
+    before = logits(model, batch)
+    frism.fold(model, gated)
+    assert not any(isinstance(m, frism.GatedLinear) for m in model.modules())
+    torch.testing.assert_close(logits(model, batch), before, atol=1e-4, rtol=1e-4)
+
+
+def test_rank_keeps_the_top_k_subspaces(trio):
+    _, _, gated, _ = merged_model(trio, "--rank", "5")
+    layer = gated["model.language_model.layers.0.self_attn.q_proj"]
+    tau = task_vector(trio, "layers.0.self_attn.q_proj")
+    S = torch.linalg.svdvals(tau)
+    assert layer.g.shape == (5,)
+    torch.testing.assert_close(layer.S, S[:5])
+    assert torch.all(layer.S[:-1] >= layer.S[1:])  # descending
+
+
+def test_factors_live_in_the_working_dtype_and_gates_in_fp32(trio):
+    _, _, gated, _ = merged_model(trio, "--dtype", "bfloat16")
+    for layer in gated.values():
+        assert layer.U.dtype == layer.Vh.dtype == layer.base.weight.dtype == torch.bfloat16
+        assert layer.S.dtype == layer.g.dtype == torch.float32
+
+
+# ---- Eq. 8-10 --------------------------------------------------------------------------------
+
+def test_answer_mask_marks_the_positions_that_predict_answer_tokens(trio):
+    _, processor, _, args = merged_model(trio)
+    batch, mask = a_batch(trio, processor, args)
+    ids = batch["input_ids"]
+    for b in range(ids.shape[0]):
+        positions = mask[b].nonzero().flatten()
+        assert ids[b, positions + 1].tolist() == [100, 101, 102]  # the token after each is the answer
+        assert batch["attention_mask"][b, positions + 1].all()
+
+
+def test_distill_loss_is_the_kl_from_teacher_to_student(trio):
+    model, processor, gated, args = merged_model(trio)
+    batch, mask = a_batch(trio, processor, args)
+    with torch.no_grad():
+        with frism.deltas_off(gated):
+            p = F.softmax(model(**batch).logits[mask].double(), -1)
+        q = F.softmax(model(**batch).logits[mask].double(), -1)
+        expected = (p * (p.log() - q.log())).sum(-1).mean()
+        loss = frism.distill_loss(model, gated, batch, mask)
+    assert loss.item() > 0
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-4)
+    for layer in gated.values():
+        layer.g.data.fill_(-math.inf)
+    assert frism.distill_loss(model, gated, batch, mask).item() == 0.0
+
+
+def test_inject_loss_is_the_negative_injected_energy_fraction(trio):
+    _, _, gated, _ = merged_model(trio)
+    assert frism.inject_loss(gated).item() == pytest.approx(-0.25)  # sigmoid(0)^2
+    for layer in gated.values():
+        layer.g.data = torch.randn_like(layer.g)
+    energy = sum(((torch.sigmoid(l.g) * l.S) ** 2).sum() for l in gated.values())
+    total = sum((l.S ** 2).sum() for l in gated.values())
+    assert frism.inject_loss(gated).item() == pytest.approx(-(energy / total).item(), rel=1e-6)
+    for layer in gated.values():
+        layer.g.data.fill_(math.inf)
+    assert frism.inject_loss(gated).item() == pytest.approx(-1.0)
+
+
+def test_only_the_gates_receive_gradients(trio):
+    model, processor, gated, args = merged_model(trio)
+    batch, mask = a_batch(trio, processor, args)
+    loss = frism.distill_loss(model, gated, batch, mask) + frism.inject_loss(gated)
+    loss.backward()
+    gates = {id(layer.g) for layer in gated.values()}
+    for name, p in model.named_parameters():
+        if id(p) in gates:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_training_leaves_every_other_weight_untouched(trio):
+    model, processor, gated, args = merged_model(trio, "--steps", "3")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
+    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+    frism.train(model, processor, gated, answers, args)
+    after = model.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # vision, embeddings, lm_head...
+    assert any(not torch.equal(l.g, torch.zeros_like(l.g)) for l in gated.values())
+
+
+@pytest.mark.parametrize("alpha, direction", [(0.0, -1), (50.0, +1)])
+def test_gates_fall_without_inject_and_rise_with_it(trio, alpha, direction):
+    model, processor, gated, args = merged_model(trio, "--steps", "20", "--lr", "0.2",
+                                                 "--alpha", str(alpha))
+    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+    history = frism.train(model, processor, gated, answers, args)
+    assert direction * (history[-1]["mean_gate"] - 0.5) > 0.05
+    assert direction * (history[-1]["injected"] - 0.25) > 0
+
+
+def test_teacher_answers_end_at_the_end_of_turn_or_the_limit(trio):
+    model, processor, gated, args = merged_model(trio)
+    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+    stop = processor.tokenizer.eos_token_id
+    assert answers
+    for _, _, ids in answers:
+        assert ids[0] != stop
+        assert (ids[-1] == stop and stop not in ids[:-1]) or len(ids) == args.max_new_tokens
+
+
+# ---- the command line, end to end ------------------------------------------------------------
+
+def cli(trio, out, *extra):
+    cmd = [sys.executable, os.path.join(HERE, "frism.py"), "--vlm", trio["vlm"], "--lrm",
+           trio["lrm"], "--base", trio["base"], "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ,
+                          HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+
+
+@pytest.fixture(scope="module")
+def frism_run(trio, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "merged"
+    done = cli(trio, out, "--data", trio["data"], "--steps", "4", "--lam", "0.9",
+               "--max-new-tokens", "6", "--rank", "40")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_cli_output_loads_and_generates_like_a_qwen_vl_checkpoint(trio, frism_run):
+    model = AutoModelForImageTextToText.from_pretrained(frism_run)
+    processor = AutoProcessor.from_pretrained(frism_run)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    image, question = frism.load_calibration(settings(trio))[0]
+    inputs = processor(text=[frism.chat_prompt(processor, question)], images=[image],
+                       return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_cli_output_has_the_input_checkpoint_names_and_only_merged_weights_change(trio, frism_run):
+    vlm, merged = tensors(trio["vlm"]), tensors(frism_run)
+    assert merged.keys() == vlm.keys()
+    changed = {k for k in vlm if not torch.equal(vlm[k], merged[k])}
+    assert changed and all(frism.DECODER_PATH.search(k) for k in changed)
+    assert len(changed) == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 layers
+
+
+def test_cli_weights_follow_eq7_with_an_independent_svd_and_the_saved_gates(trio, frism_run):
+    vlm, merged = tensors(trio["vlm"]), tensors(frism_run)
+    gates = load_file(os.path.join(frism_run, "frism_gates.safetensors"))
+    assert len(gates) == 14
+    for path, g in gates.items():
+        name = path.split("language_model.", 1)[1]
+        U, S, Vh = torch.linalg.svd(task_vector(trio, name), full_matrices=False)
+        k = min(40, len(S))  # k_proj and v_proj have only 32 directions
+        assert g.shape == (k,)
+        expected = vlm["model." + name + ".weight"] + 0.9 * (
+            U[:, :k] * (torch.sigmoid(g) * S[:k])) @ Vh[:k]
+        torch.testing.assert_close(merged["model." + name + ".weight"], expected,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_cli_report_records_the_run(frism_run):
+    report = json.load(open(os.path.join(frism_run, "frism_report.json")))
+    assert report["args"]["lam"] == 0.9 and report["args"]["rank"] == 40
+    assert len(report["loss_curve"]) == 4
+    assert {"kl", "injected", "mean_gate", "loss"} <= report["loss_curve"][0].keys()
+    assert {"check", "load", "svd", "teacher", "train", "fold"} <= report["seconds"].keys()
+    assert report["memory"]["peak_rss_gib"] > 0 and report["versions"]["torch"]
+    stats = report["gates"]["model.language_model.layers.0.mlp.up_proj"]
+    assert stats["rank"] == 40 and 0 < stats["injected"] < 1
+    assert report["gates"]["model.language_model.layers.0.self_attn.k_proj"]["rank"] == 32
+
+
+def test_cli_no_train_is_exact_task_arithmetic(trio, tmp_path):
+    done = cli(trio, tmp_path / "ta", "--no-train", "--lam", "0.5")
+    assert done.returncode == 0, done.stderr
+    vlm, lrm, base = tensors(trio["vlm"]), tensors(trio["lrm"]), tensors(trio["base"])
+    merged = tensors(tmp_path / "ta")
+    for key in vlm:
+        expected = vlm[key]
+        if frism.DECODER_PATH.search(key):
+            expected = vlm[key] + 0.5 * (lrm[key] - base[key])
+        assert torch.equal(merged[key], expected), key
+    report = json.load(open(tmp_path / "ta" / "frism_report.json"))
+    assert report["args"]["lam"] == 0.5 and report["args"]["no_train"]
+    gates = load_file(tmp_path / "ta" / "frism_gates.safetensors")
+    assert all(torch.all(g == math.inf) for g in gates.values())
+
+
+def test_no_train_with_rank_is_truncated_task_arithmetic(trio, tmp_path):
+    assert cli(trio, tmp_path / "ta", "--no-train", "--rank", "3").returncode == 0
+    vlm, merged = tensors(trio["vlm"]), tensors(tmp_path / "ta")
+    key = "model.layers.1.mlp.gate_proj.weight"
+    U, S, Vh = torch.linalg.svd(task_vector(trio, "layers.1.mlp.gate_proj"), full_matrices=False)
+    torch.testing.assert_close(merged[key], vlm[key] + (U[:, :3] * S[:3]) @ Vh[:3],
+                               atol=1e-5, rtol=1e-4)
+
+
+# ---- bad input: one sentence on stderr, non-zero exit, nothing written -----------------------
+
+def assert_refused(done, out, words):
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("frism.py: error: ") and words in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not os.path.exists(out) or os.listdir(out) == ["keep.txt"]
+    assert not [p for p in os.listdir(os.path.dirname(out)) if ".partial-" in p]
+
+
+@pytest.fixture(scope="module")
+def wide_lrm(trio, tmp_path_factory):
+    """An LRM whose FFN is wider than the VLM's: it cannot be merged."""
+    from transformers import AutoConfig, Qwen2ForCausalLM
+    cfg = AutoConfig.from_pretrained(trio["lrm"])
+    cfg.intermediate_size += 8
+    path = str(tmp_path_factory.mktemp("wide") / "lrm")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_mismatched_lrm_is_refused(trio, wide_lrm, tmp_path):
+    done = cli(dict(trio, lrm=wide_lrm), tmp_path / "out", "--no-train")
+    assert_refused(done, tmp_path / "out", "intermediate_size")
+
+
+def test_missing_path_is_refused(trio, tmp_path):
+    done = cli(dict(trio, base=str(tmp_path / "nowhere")), tmp_path / "out", "--no-train")
+    assert_refused(done, tmp_path / "out", "--base")
+
+
+def test_unknown_hub_id_is_refused_offline(trio, tmp_path):
+    done = cli(dict(trio, lrm="no-such-org/no-such-model"), tmp_path / "out", "--no-train")
+    assert_refused(done, tmp_path / "out", "hub")
+
+
+def test_existing_out_is_never_overwritten_without_overwrite(trio, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert_refused(cli(trio, out, "--no-train"), out, "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    assert cli(trio, out, "--no-train", "--overwrite").returncode == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_out_inside_an_input_is_refused(trio, tmp_path):
+    done = cli(trio, os.path.join(trio["vlm"], "merged"), "--no-train", "--overwrite")
+    assert done.returncode == 2 and "overlaps" in done.stderr
+
+
+def test_empty_data_is_refused(trio, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert_refused(cli(trio, tmp_path / "out", "--data", str(empty)), tmp_path / "out",
+                   "no calibration questions")
+
+
+def test_data_with_a_missing_image_is_refused(trio, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "nope.png", "question": "What?"}) + "\n")
+    assert_refused(cli(trio, tmp_path / "out", "--data", str(bad)), tmp_path / "out", "line 1")
+
+
+def test_a_crash_while_saving_leaves_no_model_behind(trio, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(frism.GatedLinear, "folded_weight", frism.GatedLinear.folded_weight)
+    args = settings(trio, tmp_path / "out", "--no-train")
+    model, processor = frism.load_vlm(trio["vlm"], args)
+    monkeypatch.setattr(type(model), "save_pretrained", broken)
+    with pytest.raises(OSError):
+        frism.save(model, processor, {}, {}, args, torch.float32)
+    assert os.listdir(tmp_path) == []
+
+
+# ---- hub paths, exercised offline through stand-ins with the same layout ---------------------
+
+def vizwiz_rows(trio):
+    from PIL import Image
+    root = os.path.dirname(trio["data"])
+    rows = [json.loads(line) for line in open(trio["data"])]
+    return {"question_id": [f"VizWiz_val_{i:08d}.jpg" for i in range(len(rows))],
+            "image": [Image.open(os.path.join(root, r["image"])) for r in rows],
+            "question": [r["question"] for r in rows],
+            "answers": [[r["answer"]] * 10 for r in rows],
+            "category": ["number"] * len(rows)}
+
+
+def test_hub_dataset_layout_is_read_with_the_vizwiz_columns(trio, tmp_path):
+    """lmms-lab/VizWiz-VQA is parquet under data/{split}-*.parquet: the same load_dataset call."""
+    import datasets
+    ds = datasets.Dataset.from_dict(vizwiz_rows(trio)).cast_column("image", datasets.Image())
+    os.makedirs(tmp_path / "data")
+    ds.to_parquet(str(tmp_path / "data" / "val-00000-of-00001.parquet"))
+    args = settings(trio, "unused", "--data", str(tmp_path), "--num-samples", "5")
+    samples = frism.load_calibration(args)
+    assert len(samples) == 5 and samples[0][1] == "What number is shown?"
+    assert samples[0][0].mode == "RGB"
+
+
+def test_saved_dataset_and_a_missing_column_are_handled(trio, tmp_path):
+    import datasets
+    datasets.Dataset.from_dict(vizwiz_rows(trio)).save_to_disk(str(tmp_path / "saved"))
+    args = settings(trio, "unused", "--data", str(tmp_path / "saved"))
+    assert len(frism.load_calibration(args)) == 8
+    args = settings(trio, "unused", "--data", str(tmp_path / "saved"), "--question-column", "q")
+    with pytest.raises(frism.InputError, match="no column 'q'"):
+        frism.load_calibration(args)
+
+
+def test_large_images_are_shrunk_to_max_pixels():
+    from PIL import Image
+    image = frism.fit_pixels(Image.new("L", (4000, 3000)), 512 * 28 * 28)
+    assert image.mode == "RGB" and image.size[0] * image.size[1] <= 512 * 28 * 28
+    assert abs(image.size[0] / image.size[1] - 4 / 3) < 0.01
+
+
+def test_hub_model_ids_resolve_through_the_hub_cache(trio, tmp_path, monkeypatch):
+    """A hub id goes through snapshot_download; offline, a cached snapshot is what it returns."""
+    import shutil
+    snapshot = tmp_path / "models--org--tiny-lrm" / "snapshots" / ("0" * 40)
+    shutil.copytree(trio["lrm"], snapshot)
+    (tmp_path / "models--org--tiny-lrm" / "refs").mkdir()
+    (tmp_path / "models--org--tiny-lrm" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert os.path.samefile(frism.local_dir("org/tiny-lrm", "--lrm"), snapshot)
+
+
+def test_soft_config_differences_only_warn(trio):
+    from transformers import AutoConfig
+    vlm = frism.text_config(trio["vlm"])
+    other = AutoConfig.from_pretrained(trio["lrm"])
+    other.rope_parameters = dict(other.rope_parameters, rope_theta=1e6)
+    other.vocab_size += 10
+    with pytest.warns(UserWarning) as caught:
+        frism.check_configs(vlm, {"--lrm": other})
+    assert ["rope_theta" in str(w.message) for w in caught] == [True, False]
+    assert "vocab_size" in str(caught[1].message)
+    other.num_key_value_heads = 4
+    with pytest.raises(frism.InputError, match="num_key_value_heads"):
+        frism.check_configs(vlm, {"--lrm": other})
