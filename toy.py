@@ -59,6 +59,7 @@ def make_tokenizer(corpus):
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 

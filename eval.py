@@ -1,0 +1,547 @@
+"""Score models side by side on VL reasoning and perception benchmarks, rule-based, no judge.
+
+FRISM's claim is "reasoning up, perception kept": this prints one table, models as rows and
+benchmarks as columns, with the reasoning and perception averages, and writes every raw
+prediction to --out. Same prompts, system prompt, pixel limit and greedy decoding for every model.
+
+    python eval.py --models Qwen/Qwen2.5-VL-7B-Instruct merged-7b --limit 500
+    python eval.py --models merged-7b --benchmarks pope my_items.jsonl
+
+A benchmark is a name below, NAME=PATH (the same benchmark from a local copy: a save_to_disk
+directory or a directory of data files), or a local .jsonl file (see load_local).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from frism import fit_pixels
+
+# Hub ids, configs, splits and columns in one place: dataset ids move, so they are editable here.
+BENCHMARKS = {
+    "mathvista": dict(path="AI4Math/MathVista", config=None, split="testmini", kind="reasoning"),
+    "mathverse": dict(path="AI4Math/MathVerse", config="testmini", split="testmini",
+                      kind="reasoning"),
+    "mathvision": dict(path="MathLLMs/MathVision", config=None, split="testmini",
+                       kind="reasoning"),
+    "pope": dict(path="lmms-lab/POPE", config=None, split="test", kind="perception"),
+    "mme": dict(path="lmms-lab/MME", config=None, split="test", kind="perception"),
+    "mmstar": dict(path="Lin-Chen/MMStar", config=None, split="val", kind="perception"),
+}
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
+                  "landmark", "artwork", "OCR")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MC_HINT = "Answer with the option's letter."  # ours, as are the two hints below
+YESNO_HINT = "Answer yes or no."
+BOXED_HINT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class InputError(Exception):
+    """A problem with what the user asked for: reported as one sentence, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring rules: each a small function, written from the benchmarks' documented conventions
+# ----------------------------------------------------------------------------------------------
+
+def strip_thinking(output, prompt=""):
+    """The text after the last </think>, and whether the output was cut inside a think block."""
+    if "</think>" in output:
+        return output.rsplit("</think>", 1)[1].strip(), False
+    if "<think>" in output or prompt.rstrip().endswith("<think>"):
+        return "", True
+    return output.strip(), False
+
+
+def last_boxed(text):
+    """The content of the last \\boxed{...}, braces balanced, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None
+
+
+def extract_letter(text, choices=None):
+    """The option letter a model chose: "(B)", "B.", "The answer is B", "\\boxed{B}", or the
+    option's own text; None when there is none."""
+    n = len(choices) if choices else 5
+    valid = LETTERS[:max(n, 1)]
+    boxed = last_boxed(text)
+    if boxed:
+        text = boxed
+    for pattern in (rf"answer\s*(?:is|:)?\s*:?\s*\(?([{valid}])\b\)?",
+                    rf"\(([{valid}])\)", rf"(?:^|\s)([{valid}])[.):](?:\s|$)",
+                    rf"^\s*([{valid}])\s*$", rf"\b([{valid}])\b\s*$"):
+        found = re.findall(pattern, text, flags=re.IGNORECASE if "answer" in pattern else 0)
+        if found:
+            return found[-1].upper()
+    if choices:  # the option text itself: the last one mentioned, longest first on ties
+        lowered = text.lower()
+        hits = [(lowered.rfind(str(c).lower()), len(str(c)), i) for i, c in enumerate(choices)
+                if str(c).strip() and str(c).lower() in lowered]
+        if hits:
+            return LETTERS[max(hits)[2]]
+    return None
+
+
+def extract_yes_no(text):
+    """Word-level: "Yes, there is a dog." is yes; the first yes or no word decides."""
+    found = re.search(r"\b(yes|no)\b", text.lower())
+    return found.group(1) if found else None
+
+
+def to_number(text):
+    """A float from "3", "-2.5", "1,000", "45%", "\\frac{3}{4}", "3/4", "\\sqrt{} free" LaTeX."""
+    if text is None:
+        return None
+    text = text.replace("\\!", "").replace("$", "").replace(",", "").strip()
+    frac = re.fullmatch(r"(-?)\\d?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", text)
+    if frac:
+        value = float(frac.group(2)) / float(frac.group(3))
+        return -value if frac.group(1) else value
+    slash = re.fullmatch(r"(-?[\d.]+)\s*/\s*(-?[\d.]+)", text)
+    if slash and float(slash.group(2)) != 0:
+        return float(slash.group(1)) / float(slash.group(2))
+    plain = re.fullmatch(r"(-?\d*\.?\d+)\s*(?:%|\\%|°|\^\\circ|\^\{\\circ\})?", text)
+    return float(plain.group(1)) if plain else None
+
+
+def extract_number(text):
+    """The last \\boxed{} if it holds a number, else the last number in the text."""
+    boxed = to_number(last_boxed(text))
+    if boxed is not None:
+        return boxed
+    numbers = re.findall(r"-?\\d?frac\{-?[\d.]+\}\{-?[\d.]+\}|-?\d[\d,]*\.?\d*|-?\.\d+", text)
+    for candidate in reversed(numbers):
+        value = to_number(candidate.rstrip("."))
+        if value is not None:
+            return value
+    return None
+
+
+def numbers_match(predicted, gold, precision=None):
+    if predicted is None or gold is None:
+        return False
+    if precision is not None:
+        return round(predicted, int(precision)) == round(gold, int(precision))
+    return math.isclose(predicted, gold, rel_tol=1e-4, abs_tol=1e-6)
+
+
+def normalise(text):
+    return re.sub(r"[\s.,;:!?'\"`()\[\]{}]+", " ", str(text).lower()).strip()
+
+
+def score_answer(text, item):
+    """(extracted, correct) for one answer text (reasoning already stripped)."""
+    kind, gold = item["type"], item["answer"]
+    if kind == "mc":
+        got = extract_letter(text, item.get("choices"))
+        return got, got == str(gold).strip().upper()
+    if kind == "yesno":
+        got = extract_yes_no(text)
+        return got, got == str(gold).strip().lower()
+    if kind == "number":
+        got = extract_number(text)
+        return got, numbers_match(got, to_number(str(gold)), item.get("precision"))
+    said = re.findall(r"answer is:?\s*(.+?)\s*\.?$", text, flags=re.IGNORECASE | re.MULTILINE)
+    got = last_boxed(text) or (said[-1] if said else text.strip().splitlines()[-1:] or [""])
+    got = got if isinstance(got, str) else got[0]
+    return got, normalise(got) == normalise(gold)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks -> items: {"id", "image" (PIL or None), "question", "answer", "type", "choices",
+# "precision", "kind", "group" (a subtask), "pair" (MME: the image both questions share)}
+# ----------------------------------------------------------------------------------------------
+
+def with_choices(question, choices, hint=MC_HINT):
+    lines = [f"({LETTERS[i]}) {c}" for i, c in enumerate(choices)]
+    return f"{question}\nChoices:\n" + "\n".join(lines) + f"\n{hint}"
+
+
+def mathvista_item(row):
+    """`query` is MathVista's own prompt (hint + question + choices); `answer` is option text."""
+    item = dict(id=row["pid"], image=row["decoded_image"], question=row["query"], choices=None,
+                answer=row["answer"], precision=None)
+    if row["question_type"] == "multi_choice":
+        item.update(type="mc", choices=list(row["choices"]),
+                    answer=LETTERS[list(row["choices"]).index(row["answer"])])
+    elif row["answer_type"] in ("integer", "float"):
+        item.update(type="number", precision=row["precision"] if row["answer_type"] == "float"
+                    else 0)
+    else:
+        item.update(type="text")
+    return item
+
+
+def mathverse_item(row):
+    """Ours: the multiple-choice subset of all five problem versions (free-form needs a judge)."""
+    if row["question_type"] != "multi-choice":
+        return None
+    return dict(id=row["sample_index"], image=row["image"], question=row["query_cot"],
+                answer=row["answer"].strip().strip("()").upper()[:1], type="mc", choices=None,
+                group=row["problem_version"])
+
+
+def mathvision_item(row):
+    """Options -> a letter; otherwise the last \\boxed{} is compared as a number or text."""
+    options = list(row["options"] or [])
+    question = row["question"]
+    if options:
+        return dict(id=row["id"], image=row["decoded_image"], type="mc", choices=options,
+                    question=with_choices(question, options, BOXED_HINT), answer=row["answer"])
+    kind = "number" if to_number(row["answer"]) is not None else "text"
+    return dict(id=row["id"], image=row["decoded_image"], type=kind, answer=row["answer"],
+                question=f"{question}\n{BOXED_HINT}")
+
+
+def pope_item(row):
+    return dict(id=row["question_id"], image=row["image"], type="yesno", answer=row["answer"],
+                question=f"{row['question']}\n{YESNO_HINT}", group=row["category"])
+
+
+def mme_item(row):
+    """MME's questions already end in "Please answer yes or no."."""
+    return dict(id=f"{row['question_id']}:{row['question']}", image=row["image"], type="yesno",
+                answer=row["answer"], question=row["question"], group=row["category"],
+                pair=f"{row['category']}/{row['question_id']}")
+
+
+def mmstar_item(row):
+    """MMStar's questions hold their options; the answer is a letter."""
+    return dict(id=row["index"], image=row["image"], type="mc", answer=row["answer"],
+                question=f"{row['question']}\n{MC_HINT}", group=row["category"])
+
+
+ITEMS = {"mathvista": mathvista_item, "mathverse": mathverse_item,
+         "mathvision": mathvision_item, "pope": pope_item, "mme": mme_item,
+         "mmstar": mmstar_item}
+
+
+def load_hub(name, path, limit):
+    """A benchmark from the hub (or a local copy of it), as items; --limit after a seeded shuffle."""
+    import datasets
+    spec = BENCHMARKS[name]
+    path = path or spec["path"]
+    try:
+        if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
+                os.path.join(path, "dataset_dict.json")):
+            rows = datasets.load_from_disk(path)
+            rows = rows[spec["split"]] if isinstance(rows, datasets.DatasetDict) else rows
+        else:
+            rows = datasets.load_dataset(path, spec["config"], split=spec["split"])
+    except Exception as e:
+        raise InputError(f"benchmark {name!r} could not be loaded from {path!r} "
+                         f"({type(e).__name__}).") from e
+    items = [item for item in map(ITEMS[name], rows) if item is not None]
+    if limit and limit < len(items):  # ours: a seeded sample, so every category is represented
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))
+        items = [items[i] for i in order[:limit].tolist()]
+    return [dict(item, kind=spec["kind"]) for item in items]
+
+
+def infer_type(item):
+    if item.get("choices"):
+        return "mc"
+    if str(item["answer"]).strip().lower() in ("yes", "no"):
+        return "yesno"
+    return "number" if to_number(str(item["answer"])) is not None else "text"
+
+
+def load_local(path, limit):
+    """A .jsonl benchmark: one item a line with `question`, `answer`, `kind` ("reasoning" or
+    "perception"), and optional `image` (relative to the file), `choices` (then `answer` is the
+    option letter or the option's text), `type` ("mc" | "yesno" | "number" | "text") and
+    `precision` (decimals)."""
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise InputError(f"benchmark file {path!r} does not exist.")
+    root, items = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                item["question"], item["answer"], kind = item["question"], item["answer"], item["kind"]
+                if kind not in ("reasoning", "perception"):
+                    raise ValueError(f"kind must be reasoning or perception, not {kind!r}")
+                if item.get("image"):
+                    item["image"] = Image.open(os.path.join(root, item["image"]))
+            except (ValueError, KeyError, OSError) as e:
+                raise InputError(f"{path!r} line {n} is not a usable benchmark item ({e}).") from e
+            item.setdefault("id", n)
+            item["type"] = item.get("type") or infer_type(item)
+            choices = item.get("choices")
+            if item["type"] == "mc" and choices and item["answer"] in choices:
+                item["answer"] = LETTERS[choices.index(item["answer"])]
+            if item["type"] == "mc" and choices:
+                item["question"] = with_choices(item["question"], choices)
+            items.append(item)
+    if not items:
+        raise InputError(f"benchmark file {path!r} holds no items.")
+    return items[:limit] if limit else items
+
+
+def load_benchmarks(names, limit):
+    """{column name: items}. A local file whose items are of both kinds gives two columns."""
+    out = {}
+    for name in names:
+        key, _, path = name.partition("=")
+        if key in BENCHMARKS:
+            out[key] = load_hub(key, path or None, limit)
+        elif name.endswith(".jsonl"):
+            items, stem = load_local(name, limit), os.path.splitext(os.path.basename(name))[0]
+            kinds = sorted({item["kind"] for item in items})
+            for kind in kinds:
+                column = stem if len(kinds) == 1 else f"{stem}/{kind}"
+                out[column] = [item for item in items if item["kind"] == kind]
+        else:
+            raise InputError(f"unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)}, "
+                             f"NAME=PATH, or a .jsonl file.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and generation: batched, left-padded, greedy, the same for every model
+# ----------------------------------------------------------------------------------------------
+
+def check_model_name(name):
+    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
+                                    or name.count("/") != 1):
+        raise InputError(f"--models {name!r} is not a model directory or a hub id.")
+
+
+def load_model(name, args):
+    """A VLM (its own class) with its processor, or a text-only LLM with its tokenizer."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoProcessor, AutoTokenizer)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise InputError(f"--models {name!r} could not be loaded ({type(e).__name__}).") from e
+    dtype = getattr(torch, args.dtype)
+    if hasattr(config, "vision_config"):
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(name)
+        tokenizer = processor.tokenizer
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        processor = tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return dict(model=model.to(args.device).eval(), processor=processor, tokenizer=tokenizer,
+                vision=hasattr(config, "vision_config"))
+
+
+def chat(m, question, has_image, system):
+    content = [{"type": "image"}, {"type": "text", "text": question}] if has_image else question
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    if m["tokenizer"].chat_template is None and getattr(m["processor"], "chat_template", None) is None:
+        return f"{system}\n\n{question}\n"  # a model with no chat template gets plain text
+    return m["processor"].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(m, items, args, desc):
+    """(prompt, output text, hit the token limit) for every item; images first, then text-only."""
+    stop = m["model"].generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop]) | {m["tokenizer"].eos_token_id}
+    results = [None] * len(items)
+    groups = [[i for i, it in enumerate(items) if it.get("image") is not None],
+              [i for i, it in enumerate(items) if it.get("image") is None]]
+    bar = tqdm(total=len(items), desc=desc)
+    for group in groups:
+        for start in range(0, len(group), args.batch_size):
+            chunk = group[start:start + args.batch_size]
+            has_image = items[chunk[0]].get("image") is not None
+            prompts = [chat(m, items[i]["question"], has_image, args.system) for i in chunk]
+            if m["vision"]:
+                images = [fit_pixels(items[i]["image"], args.max_pixels) for i in chunk
+                          ] if has_image else None
+                inputs = m["processor"](text=prompts, images=images,
+                                        padding=True, padding_side="left", return_tensors="pt")
+            else:
+                inputs = m["tokenizer"](prompts, padding=True, padding_side="left",
+                                        return_tensors="pt", add_special_tokens=False)
+            out = m["model"].generate(**inputs.to(args.device), do_sample=False,
+                                      max_new_tokens=args.max_new_tokens)
+            for i, prompt, ids in zip(chunk, prompts, out[:, inputs["input_ids"].shape[1]:].tolist()):
+                ends = [n for n, t in enumerate(ids) if t in stop]
+                text = m["tokenizer"].decode(ids[:ends[0]] if ends else ids, skip_special_tokens=True)
+                results[i] = (prompt, text, not ends)
+            bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def mean(values):
+    values = list(values)
+    return 100.0 * sum(values) / len(values) if values else 0.0
+
+
+def pope_metrics(predictions):
+    """Accuracy, and precision / recall / F1 with "yes" as the positive class."""
+    said = [p["extracted"] == "yes" for p in predictions]
+    gold = [str(p["answer"]).lower() == "yes" for p in predictions]
+    tp = sum(s and g for s, g in zip(said, gold))
+    precision = tp / max(sum(said), 1)
+    recall = tp / max(sum(gold), 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1,
+            "yes_ratio": mean(said)}
+
+
+def mme_metrics(items, predictions):
+    """Per subtask: acc (questions) and acc+ (images with both questions right); score = acc +
+    acc+ (max 200). Perception totals over 10 subtasks (2000), cognition over 4 (800)."""
+    by_task, by_image = defaultdict(list), defaultdict(list)
+    for item, p in zip(items, predictions):
+        by_task[item["group"]].append(p["correct"])
+        by_image[item["group"], item["pair"]].append(p["correct"])
+    tasks = {}
+    for task, correct in by_task.items():
+        pairs = [all(c) for (t, _), c in by_image.items() if t == task and len(c) == 2]
+        tasks[task] = {"acc": mean(correct), "acc_plus": mean(pairs)}
+        tasks[task]["score"] = tasks[task]["acc"] + tasks[task]["acc_plus"]
+    perception = [t for t in tasks if t in MME_PERCEPTION]
+    cognition = [t for t in tasks if t not in MME_PERCEPTION]
+    headline = perception or cognition  # ours: perception total on a 0-100 scale
+    return {"subtasks": tasks,
+            "perception_total": sum(tasks[t]["score"] for t in perception),
+            "cognition_total": sum(tasks[t]["score"] for t in cognition),
+            "headline": sum(tasks[t]["score"] for t in headline) / (2 * len(headline))}
+
+
+def score_benchmark(name, items, generations):
+    predictions = []
+    for item, (prompt, output, hit_limit) in zip(items, generations):
+        answer, truncated = strip_thinking(output, prompt)
+        extracted, correct = score_answer(answer, item) if not truncated else (None, False)
+        predictions.append({"id": str(item["id"]), "question": item["question"],
+                            "answer": item["answer"], "output": output, "extracted": extracted,
+                            "correct": bool(correct), "truncated_in_think": truncated,
+                            "hit_token_limit": hit_limit, "group": item.get("group")})
+    metrics = {"n": len(items), "accuracy": mean(p["correct"] for p in predictions),
+               "truncated_in_think": mean(p["truncated_in_think"] for p in predictions)}
+    score = metrics["accuracy"]
+    if name == "pope":
+        metrics.update(pope_metrics(predictions))
+    if name == "mme":
+        metrics.update(mme_metrics(items, predictions))
+        score = metrics["headline"]
+    return {"score": score, "metrics": metrics, "predictions": predictions}
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+def averages(results, kinds):
+    out = {}
+    for kind in ("reasoning", "perception"):
+        scores = [r["score"] for b, r in results.items() if kinds[b] == kind and r is not None]
+        out[kind] = sum(scores) / len(scores) if scores else None
+    return out
+
+
+def table(all_results, kinds):
+    columns = list(kinds) + ["reasoning avg", "perception avg"]
+    width = max([len("model")] + [len(os.path.basename(os.path.normpath(m))) for m in all_results])
+    lines = ["model".ljust(width) + "".join(f"  {c:>{max(len(c), 7)}}" for c in columns)]
+    for model, results in all_results.items():
+        avg = averages(results, kinds)
+        cells = [results[b]["score"] if results[b] else None for b in kinds]
+        cells += [avg["reasoning"], avg["perception"]]
+        lines.append(os.path.basename(os.path.normpath(model)).ljust(width) + "".join(
+            f"  {('-' if v is None else f'{v:.1f}'):>{max(len(c), 7)}}"
+            for c, v in zip(columns, cells)))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True,
+                   help="model directories or hub ids (VLMs, or text-only LLMs)")
+    p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS),
+                   help="names, NAME=PATH for a local copy, or .jsonl files")
+    p.add_argument("--limit", type=int, default=None, help="at most N items per benchmark")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="generation limit (reasoning models think at length: raise it if the "
+                        "truncated rate is high)")
+    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28,
+                   help="images are shrunk to at most this many pixels")
+    p.add_argument("--system", default="You are a helpful assistant.",
+                   help="the system prompt, the same for every model")
+    p.add_argument("--out", default="results.json", help="raw predictions and scores (JSON)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return args
+
+
+def run(args):
+    for flag in ("limit", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+    for name in args.models:
+        check_model_name(name)
+    benchmarks = load_benchmarks(args.benchmarks, args.limit)
+    kinds = {name: items[0]["kind"] for name, items in benchmarks.items()}
+    all_results = {}
+    for name in args.models:
+        m = load_model(name, args)
+        results = {}
+        for bench, items in benchmarks.items():
+            usable = items if m["vision"] else [it for it in items if it.get("image") is None]
+            results[bench] = score_benchmark(bench, usable, generate(
+                m, usable, args, f"{os.path.basename(os.path.normpath(name))} / {bench}")
+            ) if usable else None  # text-only models skip items with images
+        all_results[name] = results
+        del m
+    print(table(all_results, kinds))
+    for model, results in all_results.items():
+        cut = {b: r["metrics"]["truncated_in_think"] for b, r in results.items()
+               if r and r["metrics"]["truncated_in_think"] > 0}
+        if cut:
+            print(f"{model}: outputs cut inside <think> (%): " + ", ".join(
+                f"{b} {v:.1f}" for b, v in cut.items()) + "; consider a larger --max-new-tokens")
+    report = {"settings": vars(args), "kinds": kinds,
+              "averages": {m: averages(r, kinds) for m, r in all_results.items()},
+              "results": all_results}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    return report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
