@@ -62,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--lrm", required=True, help="the reasoning LLM whose task vector is injected")
     p.add_argument("--base", required=True,
                    help="the LLM the LRM was fine-tuned from; tau = LRM - base")
-    p.add_argument("--out", required=True, help="directory for the merged model (must not exist "
-                   "or be empty, unless --overwrite)")
+    p.add_argument("--out", help="directory for the merged model (must not exist or be empty, "
+                   "unless --overwrite); required unless --dry-run")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--data", default=VIZWIZ, help="label-free perception set: a .jsonl file of "
                    '{"image": path, "question": text} lines, a hub dataset id, a local directory '
@@ -90,9 +90,18 @@ def parse_args(argv=None):
                    "Task Arithmetic W = W_vlm + lam * tau (truncated to --rank if given)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs")
+    p.add_argument("--device-map", default=None, help="e.g. auto: spread the VLM over every GPU "
+                   "(needs accelerate); each gated layer then lives with its layer")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="working dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order")
+    p.add_argument("--dry-run", action="store_true", help="check the configs and print a memory "
+                   "plan (weights, factors, activations) without loading or downloading weights")
+    p.add_argument("--device-memory", type=float, default=None,
+                   help="GiB the plan must fit in (default: the GPU's own memory)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward pass: less memory, ~30%% "
+                        "more time")
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
@@ -273,8 +282,11 @@ def dataset_rows(args):
 
 def load_vlm(path, args):
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, args.dtype))
-    model.to(args.device).eval().requires_grad_(False)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, args.dtype),
+                                                        device_map=args.device_map)
+    if args.device_map is None:
+        model.to(args.device)
+    model.eval().requires_grad_(False)
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -353,9 +365,9 @@ def inject(model, lrm_index, base_index, args):
     taus = task_vectors(lrm_index, base_index, list(layers))
     for name, tau in tqdm(taus, total=len(layers), desc="SVD of task vectors"):
         path, linear = layers[name]
-        U, S, Vh = decompose(tau, args.rank, args.device)
+        U, S, Vh = decompose(tau, args.rank, linear.weight.device)  # with its layer, on its device
         del tau  # ours: nothing but the frozen factors outlives this loop
-        gated[path] = GatedLinear(linear, U.to(args.device), S, Vh.to(args.device), args.lam)
+        gated[path] = GatedLinear(linear, U, S, Vh, args.lam)
         set_module(model, path, gated[path])
     return gated
 
@@ -403,7 +415,7 @@ def teacher_answers(model, processor, gated, samples, args):
             chunk = samples[i:i + args.batch_size]
             inputs = processor(text=[chat_prompt(processor, q) for _, q in chunk],
                                images=[image for image, _ in chunk], padding=True,
-                               padding_side="left", return_tensors="pt").to(args.device)
+                               padding_side="left", return_tensors="pt").to(model.device)
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             for (image, question), ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
                 ends = [n for n, t in enumerate(ids) if t in stop]
@@ -438,7 +450,7 @@ def make_batch(processor, items, device):
 def answer_logits(model, batch, mask):
     """Logits at the answer positions only: the full (batch, length, vocab) tensor is never built."""
     hidden = model.model(**batch, use_cache=False).last_hidden_state
-    return model.lm_head(hidden[mask]).float()
+    return model.lm_head(hidden[mask.to(hidden.device)]).float()
 
 
 def distill_loss(model, gated, batch, mask):
@@ -451,8 +463,9 @@ def distill_loss(model, gated, batch, mask):
 
 def inject_loss(gated):
     """Eq. 9, normalised by sum_l ||S^l||^2 (ours, after the paper's Appendix H): in (-1, 0)."""
-    energy = sum((layer.effective_S() ** 2).sum() for layer in gated.values())
-    return -energy / sum((layer.S ** 2).sum() for layer in gated.values())
+    device = next(iter(gated.values())).g.device  # with --device-map the layers are spread
+    energy = sum((layer.effective_S() ** 2).sum().to(device) for layer in gated.values())
+    return -energy / sum((layer.S ** 2).sum().to(device) for layer in gated.values())
 
 
 def mean_gate(gated):
@@ -475,11 +488,14 @@ def train(model, processor, gated, answers, args):
     # Ours: AdamW without weight decay, which would pull every gate towards 0.5.
     optimizer = torch.optim.AdamW(gates, lr=args.lr, weight_decay=0.0)
     data, history = batches(answers, args.batch_size, args.seed), []
+    if args.gradient_checkpointing:  # transformers recomputes layers only in train mode
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # Qwen2.5-VL has no dropout: train mode changes nothing else
     bar = tqdm(range(1, args.steps + 1), desc="Training gates")
     for step in bar:
         kl_total = 0.0
         for _ in range(args.grad_accum):
-            batch, mask = make_batch(processor, next(data), args.device)
+            batch, mask = make_batch(processor, next(data), model.device)
             kl = distill_loss(model, gated, batch, mask)
             inject = inject_loss(gated)
             loss = kl + args.alpha * inject  # Eq. 10
@@ -494,6 +510,8 @@ def train(model, processor, gated, answers, args):
                         "kl": kl_total, "injected": -inject.item(), "mean_gate": mean_gate(gated)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kl=f"{kl_total:.4f}",
                         injected=f"{-inject.item():.3f}", gate=f"{history[-1]['mean_gate']:.3f}")
+    model.gradient_checkpointing_disable()
+    model.eval()
     return history
 
 
@@ -563,6 +581,118 @@ def versions():
             "transformers": transformers.__version__}
 
 
+# ----------------------------------------------------------------------------------------------
+# --dry-run: will it fit? A memory plan from the configs alone, before any download of weights
+# ----------------------------------------------------------------------------------------------
+
+def estimated_parameters(cfg):
+    """Parameters of a Qwen2/2.5-VL-style model from its config (within ~1 % of the cards)."""
+    t = getattr(cfg, "text_config", None) or cfg
+    h, i, hd = t.hidden_size, t.intermediate_size, config_value(t, "head_dim")
+    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h
+    tied = getattr(cfg, "tie_word_embeddings", getattr(t, "tie_word_embeddings", False))
+    total = t.num_hidden_layers * layer + t.vocab_size * h * (1 if tied else 2) + h
+    v = getattr(cfg, "vision_config", None)
+    if v is not None:
+        vh, vi, m = v.hidden_size, v.intermediate_size, v.spatial_merge_size ** 2
+        block = 4 * vh * vh + 4 * vh + 3 * vh * vi + 2 * vi + vh + 2 * vh
+        patch = getattr(v, "in_channels", 3) * v.temporal_patch_size * v.patch_size ** 2 * vh
+        merger = vh + (vh * m) ** 2 + vh * m + vh * m * v.out_hidden_size + v.out_hidden_size
+        total += v.depth * block + patch + merger
+    return total
+
+
+def parameter_count(name, cfg):
+    """Exact from local safetensors headers or the hub's metadata; else estimated from the config."""
+    from safetensors import safe_open
+    if os.path.isdir(name):
+        files = [f for f in os.listdir(name) if f.endswith(".safetensors")]
+        if files:
+            count = 0
+            for file in files:
+                with safe_open(os.path.join(name, file), "pt") as f:
+                    count += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            return count, "safetensors headers"
+        return estimated_parameters(cfg), "estimated from config.json"
+    try:
+        from huggingface_hub import get_safetensors_metadata
+        return sum(get_safetensors_metadata(name).parameter_count.values()), "hub metadata"
+    except Exception:
+        return estimated_parameters(cfg), "estimated from config.json"
+
+
+def memory_plan(cfg, parameters, args, device_gib):
+    """Bytes of everything a run holds at its peak, and the largest --rank that fits (ours: an
+    estimate; activations are those the backward pass to the gates keeps, per token and layer)."""
+    t = getattr(cfg, "text_config", None) or cfg
+    b = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    shapes = list(expected_shapes(t).values())
+    tokens = args.batch_size * (args.max_pixels // (28 * 28) + 64 + args.max_new_tokens)
+    layers, h, i = t.num_hidden_layers, t.hidden_size, t.intermediate_size
+
+    def plan(rank):
+        r = [min(rank or min(s), min(s)) for s in shapes]
+        factors = sum(k * (d_out + d_in) * b + 2 * k * 4 for (d_out, d_in), k in zip(shapes, r))
+        one_layer = 12 * h + 3 * i + 2 * sum(r) / layers  # what a layer keeps for its backward
+        per_token = b * (layers * h + one_layer if args.gradient_checkpointing else
+                         layers * one_layer)
+        logits = args.batch_size * args.max_new_tokens * t.vocab_size * 4 * 4
+        items = {"VLM weights": parameters * b, "frozen factors U, S, Vh": factors,
+                 "gates, gradients, AdamW state": sum(r) * 4 * 4,
+                 "activations (estimate)": tokens * per_token + logits,
+                 "SVD workspace (transient)": 3 * max(o * n for o, n in shapes) * 4}
+        return items, sum(items.values()) / 2 ** 30
+
+    items, total = plan(args.rank)
+    fitting = None
+    if device_gib and total > device_gib:
+        top = max(min(s) for s in shapes)
+        fitting = next((k for k in range(top - top % 64, 0, -64) if plan(k)[1] <= device_gib),
+                       None)
+    return {"items": {k: v / 2 ** 30 for k, v in items.items()}, "total_gib": total,
+            "device_gib": device_gib, "tokens": tokens,
+            "fits": None if not device_gib else total <= device_gib, "rank_that_fits": fitting}
+
+
+def dry_run(args):
+    """Check the three configs and print the memory plan; no weight is downloaded or loaded."""
+    from transformers import AutoConfig
+    configs = {}
+    for flag in ("vlm", "lrm", "base"):
+        name = getattr(args, flag)
+        if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
+                                        or name.count("/") != 1):
+            raise InputError(f"--{flag} {name!r} is not a model directory or a hub id.")
+        try:
+            configs[flag] = AutoConfig.from_pretrained(name)
+        except Exception as e:
+            raise InputError(f"--{flag} {name!r} has no readable config ({type(e).__name__}).") from e
+    text = lambda c: getattr(c, "text_config", None) or c  # noqa: E731
+    check_configs(text(configs["vlm"]), {"--lrm": text(configs["lrm"]),
+                                         "--base": text(configs["base"])})
+    parameters, source = parameter_count(args.vlm, configs["vlm"])
+    device_gib = args.device_memory or (torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+                                        if args.device.startswith("cuda") and
+                                        torch.cuda.is_available() else None)
+    plan = memory_plan(configs["vlm"], parameters, args, device_gib)
+    if plan["fits"] is False and not args.gradient_checkpointing:
+        plan["checkpointing_fits"] = memory_plan(configs["vlm"], parameters, argparse.Namespace(
+            **dict(vars(args), gradient_checkpointing=True)), device_gib)["fits"]
+    print(f"FRISM memory plan: {args.dtype}, rank {args.rank or 'all'}, batch {args.batch_size}, "
+          f"{plan['tokens'] // args.batch_size} tokens a sample, VLM parameters {source}")
+    for item, gib in plan["items"].items():
+        print(f"  {item:32s} {gib:8.2f} GiB")
+    print(f"  {'total':32s} {plan['total_gib']:8.2f} GiB")
+    if plan["fits"] is not None:
+        verdict = "fits" if plan["fits"] else "does NOT fit" + (
+            f"; --rank {plan['rank_that_fits']} fits" if plan["rank_that_fits"] else
+            "; no --rank makes it fit") + (
+            "; --gradient-checkpointing fits" if plan.get("checkpointing_fits") else "")
+        print(f"  device memory {plan['device_gib']:.1f} GiB: {verdict}")
+    return plan
+
+
 def run(args):
     seconds, t = {}, time.perf_counter()
 
@@ -574,6 +704,10 @@ def run(args):
     for flag in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+    if args.dry_run:
+        return {"plan": dry_run(args)}
+    if not args.out:
+        raise InputError("--out is required (where the merged model goes).")
     vlm, lrm, base = (local_dir(getattr(args, k), f"--{k}") for k in ("vlm", "lrm", "base"))
     check_out(args, [vlm, lrm, base])
     vlm_cfg = text_config(vlm)
@@ -624,7 +758,8 @@ def main(argv=None):
     except (InputError, FloatingPointError) as e:
         print(f"frism.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
-    print(f"Merged model written to {args.out} ({sum(report['seconds'].values()):.1f} s).")
+    if not args.dry_run:
+        print(f"Merged model written to {args.out} ({sum(report['seconds'].values()):.1f} s).")
     return 0
 
 

@@ -203,6 +203,27 @@ def test_gates_fall_without_inject_and_rise_with_it(trio, alpha, direction):
     assert direction * (history[-1]["injected"] - 0.25) > 0
 
 
+def test_a_non_finite_loss_stops_training_with_a_clear_error(trio, monkeypatch):
+    model, processor, gated, args = merged_model(trio, "--steps", "2")
+    answers = [(image, q, [100, 101]) for image, q in frism.load_calibration(args)[:2]]
+    monkeypatch.setattr(frism, "distill_loss", lambda *a: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="the loss became nan at step 1"):
+        frism.train(model, processor, gated, answers, args)
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        frism.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0
+    for flag in ("--vlm", "--lrm", "--base", "--out", "--overwrite", "--data", "--data-split",
+                 "--image-column", "--question-column", "--num-samples", "--max-pixels", "--lam",
+                 "--alpha", "--steps", "--lr", "--batch-size", "--grad-accum", "--max-new-tokens",
+                 "--rank", "--no-train", "--device", "--dtype", "--seed", "--dry-run",
+                 "--device-memory", "--gradient-checkpointing", "--device-map"):
+        assert flag in text
+
+
 def test_teacher_answers_end_at_the_end_of_turn_or_the_limit(trio):
     model, processor, gated, args = merged_model(trio)
     answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
@@ -447,3 +468,285 @@ def test_soft_config_differences_only_warn(trio):
     other.num_key_value_heads = 4
     with pytest.raises(frism.InputError, match="num_key_value_heads"):
         frism.check_configs(vlm, {"--lrm": other})
+
+
+# ---- the paper in miniature (toy.py), smoke-sized --------------------------------------------
+
+def test_toy_world_runs_end_to_end(tmp_path):
+    """A few steps of every stage: the world trains, merges, is scored and plotted."""
+    import toy
+    assert toy.main(["--dir", str(tmp_path), "--smoke"]) == 0
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert set(summary) == ({"VLM", "LRM"} | {f"TA {lam}" for lam in toy.LAMBDAS}
+                            | {f"FRISM {alpha}" for alpha in toy.ALPHAS})
+    assert all(0 <= v <= 100 for row in summary.values() for v in row.values())
+    report = json.loads((tmp_path / "runs" / "frism-1.0" / "frism_report.json").read_text())
+    assert report["args"]["lam"] == 2.0 and report["calibration"]["questions"] == 8
+    for plot in ("tradeoff.png", "gates.png"):
+        assert (tmp_path / "runs" / plot).stat().st_size > 1000
+    assert toy.main(["--dir", str(tmp_path), "--smoke"]) == 0  # the cached world is reused
+
+
+def test_toy_tokenizer_gives_every_digit_one_token():
+    import toy
+    tok = toy.make_tokenizer(["0123456789"], vocab_size=256 + len(toy.SPECIAL_TOKENS))
+    assert len(tok) == 263
+    assert len(tok("6 x 7 = 42.").input_ids) == len("6 x 7 = 42.")
+    text = toy.prompt("What number is shown?") + toy.perceive(3)
+    assert tok.decode(tok(text).input_ids) == text
+    processor = toy.make_processor(tok)  # the hand-written prompt is the chat template's
+    messages = [{"role": "user", "content": "What number is shown?"}]
+    assert toy.prompt("What number is shown?") == processor.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---- scale: precision, checkpointing, device maps, the memory plan ---------------------------
+
+def test_bf16_fold_stays_within_bf16_rounding_of_the_fp32_fold(trio):
+    folds = {}
+    for dtype in ("float32", "bfloat16"):
+        _, _, gated, _ = merged_model(trio, "--dtype", dtype, "--lam", "0.8")
+        torch.manual_seed(0)
+        folds[dtype] = {p: (l.g.data.copy_(torch.randn_like(l.g)), l.folded_weight())[1]
+                        for p, l in gated.items()}
+    for path, w32 in folds["float32"].items():
+        w16 = folds["bfloat16"][path]
+        assert w16.dtype == torch.bfloat16
+        eps = torch.finfo(torch.bfloat16).eps  # 2^-7: one bf16 rounding step, relative
+        torch.testing.assert_close(w16.float(), w32, rtol=eps, atol=eps * w32.abs().max().item())
+
+
+def test_gradient_checkpointing_changes_memory_not_the_gradients(trio):
+    grads = []
+    for extra in ([], ["--gradient-checkpointing"]):
+        model, processor, gated, args = merged_model(trio, "--steps", "1", "--lr", "0", *extra)
+        answers = [(image, q, [100, 101, 102]) for image, q in frism.load_calibration(args)[:4]]
+        frism.train(model, processor, gated, answers, args)
+        layer = gated["model.language_model.layers.1.mlp.up_proj"]
+        batch, mask = frism.make_batch(processor, answers[:2], "cpu")
+        if extra:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+        frism.distill_loss(model, gated, batch, mask).backward()
+        grads.append(layer.g.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+
+
+def test_device_map_auto_gives_the_same_merge(trio, frism_run, tmp_path):
+    out = tmp_path / "mapped"
+    done = cli(trio, out, "--data", trio["data"], "--steps", "4", "--lam", "0.9",
+               "--max-new-tokens", "6", "--rank", "40", "--device-map", "auto")
+    assert done.returncode == 0, done.stderr
+    same, mapped = tensors(frism_run), tensors(out)
+    for key in same:
+        torch.testing.assert_close(mapped[key], same[key], atol=1e-6, rtol=1e-5)
+
+
+def published(tmp_path, name, cfg):
+    path = tmp_path / name
+    cfg.save_pretrained(path)
+    return str(path)
+
+
+def qwen25_vl(text, out):
+    from transformers import Qwen2_5_VLConfig
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=out,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31]), tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def qwen2(**dims):
+    from transformers import Qwen2Config
+    return Qwen2Config(**dims)
+
+
+# Dimensions from the model cards' config.json files (no download).
+DIMS_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+               tie_word_embeddings=False)
+DIMS_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+               tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def paper_pairs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cards")
+    return {
+        "7b": dict(
+            vlm=published(tmp, "Qwen2.5-VL-7B-Instruct", qwen25_vl(
+                dict(DIMS_7B, rope_theta=1e6, max_position_embeddings=128000), 3584)),
+            lrm=published(tmp, "DeepSeek-R1-Distill-Qwen-7B", qwen2(
+                **DIMS_7B, rope_theta=1e4, max_position_embeddings=131072)),
+            base=published(tmp, "Qwen2.5-Math-7B", qwen2(
+                **DIMS_7B, rope_theta=1e4, max_position_embeddings=4096))),
+        "3b": dict(
+            vlm=published(tmp, "Qwen2.5-VL-3B-Instruct", qwen25_vl(
+                dict(DIMS_3B, rope_theta=1e6, max_position_embeddings=128000), 2048)),
+            lrm=published(tmp, "SmallThinker-3B-Preview", qwen2(
+                **DIMS_3B, rope_theta=1e6, max_position_embeddings=32768)),
+            base=published(tmp, "Qwen2.5-3B-Instruct", qwen2(
+                **DIMS_3B, rope_theta=1e6, max_position_embeddings=32768)))}
+
+
+def plan_for(pair, *extra):
+    args = frism.parse_args(["--vlm", pair["vlm"], "--lrm", pair["lrm"], "--base", pair["base"],
+                             "--dry-run", "--dtype", "bfloat16", *extra])
+    return frism.run(args)["plan"]
+
+
+@pytest.mark.parametrize("size, published_params", [("7b", 8.29e9), ("3b", 3.75e9)])
+def test_parameter_estimate_matches_the_model_cards(paper_pairs, size, published_params):
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(paper_pairs[size]["vlm"])
+    assert frism.estimated_parameters(cfg) == pytest.approx(published_params, rel=0.01)
+
+
+def test_dry_run_7b_pair_fits_one_80gb_gpu_at_full_rank(paper_pairs, capsys):
+    with pytest.warns(UserWarning) as caught:
+        plan = plan_for(paper_pairs["7b"], "--device-memory", "80")
+    assert any("rope_theta" in str(w.message) for w in caught)  # 1e6 against 1e4 (R1-Distill)
+    assert plan["fits"] and plan["total_gib"] <= 80
+    assert 15 < plan["items"]["VLM weights"] < 16  # 8.29 B parameters in bf16
+    assert plan["items"]["frozen factors U, S, Vh"] > plan["items"]["VLM weights"]
+    printed = capsys.readouterr().out
+    assert "VLM weights" in printed and "fits" in printed
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dry_run_3b_pair_fits_one_24gb_gpu_or_names_the_rank_that_does(paper_pairs, capsys):
+    plan = plan_for(paper_pairs["3b"], "--device-memory", "24")
+    assert plan["fits"] or plan["rank_that_fits"]
+    if not plan["fits"]:
+        assert f"--rank {plan['rank_that_fits']} fits" in capsys.readouterr().out
+        smaller = plan_for(paper_pairs["3b"], "--device-memory", "24",
+                           "--rank", str(plan["rank_that_fits"]))
+        assert smaller["fits"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dry_run_plan_shrinks_with_rank_and_checkpointing(paper_pairs):
+    full = plan_for(paper_pairs["7b"])
+    ranked = plan_for(paper_pairs["7b"], "--rank", "256")
+    checkpointed = plan_for(paper_pairs["7b"], "--gradient-checkpointing")
+    assert ranked["items"]["frozen factors U, S, Vh"] < full["items"]["frozen factors U, S, Vh"] / 5
+    assert checkpointed["items"]["activations (estimate)"] < full["items"]["activations (estimate)"]
+    assert full["fits"] is None  # no device memory given on a CPU machine: no verdict
+
+
+def test_dry_run_reads_no_weights_and_writes_nothing(trio, tmp_path):
+    done = cli(trio, tmp_path / "out", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "safetensors headers" in done.stdout and not (tmp_path / "out").exists()
+
+
+def test_dry_run_refuses_mismatched_models(trio, wide_lrm, tmp_path):
+    done = cli(dict(trio, lrm=wide_lrm), tmp_path / "out", "--dry-run")
+    assert done.returncode == 2 and "intermediate_size" in done.stderr
+
+
+# ---- benchmark: a trio shaped like Qwen2.5-0.5B, on the CPU (pytest -m bench -s) -------------
+
+def write_shaped_trio(root, seed=0):
+    """Random weights in the real layout: hidden 896, FFN 4864, 24 layers, 14 heads, 2 kv heads;
+    the LRM = base + a low-rank-plus-noise update; the VLM's language model = base + noise."""
+    import toy
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLConfig, \
+        Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    tok = toy.make_tokenizer(["0123456789"], vocab_size=263)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=896, intermediate_size=4864,
+                num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    base = Qwen2ForCausalLM(Qwen2Config(**text))
+    base.save_pretrained(root / "base", max_shard_size="500MB")
+    toy.perturbed(base, 0.15, 64, seed + 1).save_pretrained(root / "lrm", max_shard_size="500MB")
+    base = Qwen2ForCausalLM.from_pretrained(root / "base")
+    vlm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(text, rope_theta=10000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+        vision_config=dict(toy.TINY_VISION, out_hidden_size=896),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    vlm.model.language_model.load_state_dict(base.model.state_dict())
+    vlm.lm_head.load_state_dict(base.lm_head.state_dict())
+    toy.perturbed(vlm.model.language_model, 0.05, 16, seed + 2)
+    vlm.generation_config.eos_token_id = ids["<|im_end|>"]
+    vlm.generation_config.pad_token_id = ids["<|endoftext|>"]
+    vlm.save_pretrained(root / "vlm", max_shard_size="500MB")
+    toy.make_processor(tok).save_pretrained(root / "vlm")
+    (root / "data").mkdir()
+    rng = __import__("random").Random(seed)
+    with open(root / "data" / "calib.jsonl", "w") as f:
+        for i in range(8):
+            toy.draw_digit(i, rng).save(root / "data" / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "question": "What number is shown?"}) + "\n")
+    return {k: str(root / k) for k in ("base", "lrm", "vlm")} | {
+        "data": str(root / "data" / "calib.jsonl")}
+
+
+def seconds(fn, repeats=3):
+    import time
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+@pytest.mark.bench
+def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
+    trio = write_shaped_trio(tmp_path)
+    out = tmp_path / "merged"
+    done = cli(trio, out, "--data", trio["data"], "--steps", "3", "--batch-size", "2",
+               "--num-samples", "4", "--max-new-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "frism_report.json").read_text())
+
+    # The same stages, measured bare in this process.
+    args = settings(trio, "unused", "--batch-size", "2", "--max-new-tokens", "8")
+    model, processor = frism.load_vlm(trio["vlm"], args)
+    vlm_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30
+    lrm = frism.safetensors_index(trio["lrm"], "--lrm")
+    base = frism.safetensors_index(trio["base"], "--base")
+    taus = [tau for _, tau in frism.task_vectors(lrm, base, list(frism.decoder_layers(model)))]
+    import time
+    start = time.perf_counter()
+    for tau in taus:
+        torch.linalg.svd(tau, full_matrices=False)
+    bare_svd = time.perf_counter() - start
+    del taus
+    gated = frism.inject(model, lrm, base, args)
+    factors_gib = sum(b.numel() * b.element_size() for l in gated.values()
+                      for b in (l.U, l.S, l.Vh)) / 2 ** 30
+    items = [(image, q, list(range(100, 108))) for image, q in frism.load_calibration(args)[:2]]
+    batch, mask = frism.make_batch(processor, items, "cpu")
+
+    def frism_step():
+        (frism.distill_loss(model, gated, batch, mask) + frism.inject_loss(gated)).backward()
+
+    def plain_step():  # the unmodified VLM, weights frozen, gradients to activations only
+        with frism.deltas_off(gated):
+            embed = model.get_input_embeddings()
+            hook = embed.register_forward_hook(lambda m, i, o: o.requires_grad_())
+            logits = frism.answer_logits(model, batch, mask)
+            torch.nn.functional.cross_entropy(logits, batch["input_ids"][
+                torch.roll(mask, 1, dims=1)]).backward()
+            hook.remove()
+
+    step, plain = seconds(frism_step), seconds(plain_step)
+    peak = report["memory"]["peak_rss_gib"]
+    print(f"\nQwen2.5-0.5B-shaped trio, fp32 on the CPU, {torch.get_num_threads()} threads")
+    print(f"  VLM {vlm_gib:.2f} GiB + factors {factors_gib:.2f} GiB = "
+          f"{vlm_gib + factors_gib:.2f} GiB; whole-run peak RSS {peak:.2f} GiB "
+          f"({peak / (vlm_gib + factors_gib):.2f}x)")
+    print("  stage seconds:", report["seconds"])
+    print(f"  training step {step:.2f} s vs plain forward+backward {plain:.2f} s: "
+          f"{step / plain:.2f}x")
+    print(f"  SVD stage {report['seconds']['svd']:.1f} s vs bare torch.linalg.svd "
+          f"{bare_svd:.1f} s: {report['seconds']['svd'] / bare_svd:.2f}x")
+    assert peak > vlm_gib and step > 0 and bare_svd > 0

@@ -1,21 +1,32 @@
-"""A miniature of FRISM's setting that runs offline on a laptop.
+"""The paper in miniature: a base / LRM / VLM world small enough to build on a laptop, offline.
 
-`python toy.py` builds a tiny base / LRM / VLM trio of the real Hugging Face classes
-(`Qwen2ForCausalLM`, `Qwen2_5_VLForConditionalGeneration`), a tokenizer trained here with
-`tokenizers`, a real `Qwen2_5_VLProcessor` and a label-free calibration set of drawn images,
-then runs `frism.py` on it: once as Task Arithmetic (`--no-train`) and once as FRISM proper.
-The tests build the same trio (see conftest.py). frism.py stays the one file of the method;
-this file only makes inputs for it.
+`python toy.py` trains, from scratch and on the CPU, three models of the real Hugging Face
+classes (`Qwen2ForCausalLM`, `Qwen2_5_VLForConditionalGeneration`, a byte-level tokenizer
+trained with `tokenizers`, a real `Qwen2_5_VLProcessor`):
+
+  BASE  a tiny LLM that knows the chat format and can copy a number from its context;
+  LRM   BASE fine-tuned on text-only worked arithmetic ("6 x 7 = 42. 42 + 5 = 47.");
+  VLM   BASE's weights as its language model, a vision tower trained to read a drawn digit.
+
+It then writes the toy benchmarks (perception: read the digit; VL reasoning: needs both, "multiply
+the number shown by 7 and add 5"), merges with Task Arithmetic at several lambdas and with FRISM
+(frism.py), scores everything with eval.py, prints the table and saves two plots. frism.py stays
+the one file of the method: this file only makes inputs for it and calls it.
+
+The tests use `build_tiny_trio` (random weights, seconds) and run this whole script with `--smoke`.
 """
 import argparse
 import json
 import os
 import random
-import subprocess
+import math
+import shutil
+import time
 import sys
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -44,14 +55,15 @@ TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, p
 COLOURS = ["red", "green", "blue", "black"]
 
 
-def make_tokenizer(corpus):
-    """A byte-level BPE tokenizer trained here, with Qwen's special tokens, as Qwen2Tokenizer."""
+def make_tokenizer(corpus, vocab_size=400):
+    """A byte-level BPE tokenizer trained here, with Qwen's special tokens, as Qwen2Tokenizer.
+    With vocab_size 263 it learns no merges: every byte, so every digit, is one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import Qwen2Tokenizer
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer)
     state = json.loads(bpe.to_str())["model"]
@@ -70,9 +82,12 @@ def make_processor(tok):
 
 
 def draw_digit(digit, rng, size=56):
+    """One digit, 34-42 px, in one of 4 colours, jittered by up to 4 px: 16 patches, 4 tokens."""
+    from PIL import ImageFont
     img = Image.new("RGB", (size, size), "white")
-    ImageDraw.Draw(img).text((20 + rng.randint(-4, 4), 20 + rng.randint(-4, 4)), str(digit),
-                             fill=rng.choice(COLOURS))
+    font = ImageFont.load_default(size=rng.randint(34, 42))
+    ImageDraw.Draw(img).text((size // 2 + rng.randint(-4, 4), size // 2 + rng.randint(-4, 4)),
+                             str(digit), fill=rng.choice(COLOURS), font=font, anchor="mm")
     return img
 
 
@@ -81,7 +96,7 @@ def perturbed(model, scale, rank, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2 and ".layers." in name:
+            if p.ndim == 2 and "layers." in name:
                 d_out, d_in = p.shape
                 low = torch.randn(d_out, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
                 update = low / rank ** 0.5 + 0.3 * torch.randn(d_out, d_in, generator=g)
@@ -137,32 +152,343 @@ def build_tiny_trio(root, seed=0, num_images=8):
         "data": os.path.join(data, "calib.jsonl")}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Build the tiny trio and run frism.py on it, offline.")
-    p.add_argument("--dir", default="toy_world", help="where the trio and the merged models go")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the trio even if cached")
-    p.add_argument("--steps", type=int, default=50, help="FRISM training steps")
-    args = p.parse_args(argv)
+
+# ----------------------------------------------------------------------------------------------
+# The world: its text, its images, and the three models trained from scratch
+# ----------------------------------------------------------------------------------------------
+
+WORLD_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rope_theta=10000.0, tie_word_embeddings=False)
+WORLD_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[1])
+PERCEPTION_QUESTIONS = ("What number is shown?", "Which digit is in the image?",
+                        "Read the number in the picture.", "What digit do you see?",
+                        "Tell me the number in this image.", "What is the number in the image?")
+ASIDES = ("", "", " Be brief.", " Look carefully.", " Please answer.", " Thanks!")
+# A VL reasoning question is a perception question plus the LRM's instruction: answering it needs
+# both skills. (Ours. Tried first: "Multiply the number shown by 7 and add 5.", after which the
+# VLM copied the question's digit 5 instead of reading the image. The instruction has no digits.)
+INSTRUCTION = "Multiply it by seven and add five."
+VL_REASONING_QUESTION = f"What number is shown? {INSTRUCTION}"
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+# Steps, batch sizes and learning rates of each stage; --smoke shrinks them all.
+STAGES = {"base": dict(steps=600, batch=32, lr=2e-3),
+          "vision": dict(steps=600, batch=32, lr=2e-3),
+          "vlm": dict(steps=150, batch=32, lr=3e-4),
+          "lrm": dict(steps=300, batch=24, lr=2e-4)}
+SMOKE = dict(steps=3, batch=4)
+
+
+def prompt(user):
+    return f"{SYSTEM}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def perceive(d):
+    return f"The number is {d}."
+
+
+def reason(d):
+    """The LRM's skill: a worked chain that starts from the number, as a VLM would state it."""
+    n = 7 * d
+    return f"The number is {d}. {d} x 7 = {n}. {n} + 5 = {n + 5}. The answer is {n + 5}."
+
+
+def base_example(rng):
+    """BASE's text: every answer copies from its context, never an unconditional sentence."""
+    d, kind = rng.randint(0, 9), rng.random()
+    if kind < 0.3:
+        return prompt(rng.choice([f"What number is this: {d}?", f"Read this number: {d}."])), \
+            perceive(d)
+    if kind < 0.7:  # the digit where the VLM will later see an image: 4 tokens, as 4 patches
+        return prompt(f"<|vision_start|>{str(d) * 4}<|vision_end|>"
+                      f"{rng.choice(PERCEPTION_QUESTIONS)}"), perceive(d)
+    if kind < 0.85:
+        d = min(d, 8)
+        return prompt(f"What comes after {d}?"), f"After {d} comes {d + 1}."
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return prompt(f"What is {a} + {b}?"), f"{a} + {b} = {a + b}."
+
+
+def perception_question(rng):
+    """Varied wording, sometimes with an aside, so that reading does not hang on one sentence."""
+    return rng.choice(PERCEPTION_QUESTIONS) + rng.choice(ASIDES)
+
+
+def lrm_example(rng):
+    d = rng.randint(0, 9)
+    return prompt(f"What number is this: {d}? {INSTRUCTION}"), reason(d)
+
+
+def text_batch(tok, examples):
+    """Right-padded ids; the loss falls on the answer and its end-of-turn token only."""
+    rows = [(tok(p + a + "<|im_end|>").input_ids, len(tok(a + "<|im_end|>").input_ids))
+            for p, a in examples]
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), tok.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    for i, (row, n) in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, len(row) - n:len(row)] = ids[i, len(row) - n:len(row)]
+    return {"input_ids": ids, "attention_mask": (labels != -100) | (ids != tok.pad_token_id),
+            "labels": labels}
+
+
+def image_batch(processor, rng, size):
+    """Drawn digits with a perception question each; the answer supervised, end of turn too."""
+    digits = [rng.randint(0, 9) for _ in range(size)]
+    answers = [perceive(d) + "<|im_end|>" for d in digits]
+    texts = [prompt("<|vision_start|><|image_pad|><|vision_end|>" + perception_question(rng)) + a
+             for a in answers]
+    batch = processor(text=texts, images=[draw_digit(d, rng) for d in digits], padding=True,
+                      return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i, a in enumerate(answers):
+        end, n = int(batch["attention_mask"][i].sum()), len(processor.tokenizer(a).input_ids)
+        labels[i, end - n:end] = batch["input_ids"][i, end - n:end]
+    batch["labels"] = labels
+    return batch, digits
+
+
+def fit(model, params, make_batch, stage, desc, extra_loss=None):
+    """AdamW with a short warm-up and a cosine decay; returns the last loss."""
+    params = list(params)
+    optimizer = torch.optim.AdamW(params, lr=stage["lr"], weight_decay=0.0)
+    warmup = max(1, stage["steps"] // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
+                                                 * 0.5 * (1 + math.cos(math.pi * s / stage["steps"])))
+    model.train()
+    bar = tqdm(range(stage["steps"]), desc=desc)
+    for _ in bar:
+        batch, extra = make_batch()
+        loss = model(**batch).loss
+        if extra_loss is not None:
+            loss = loss + extra_loss(batch, extra)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
+def build_world(root, smoke=False, seed=0):
+    """Train BASE, then the LRM and the VLM from it; save all three under root."""
+    from transformers import (GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration)
+    torch.set_flush_denormal(True)  # without it, small-model CPU training slowed ~6x here
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    stages = {name: dict(stage, **SMOKE) if smoke else stage for name, stage in STAGES.items()}
+    tok = make_tokenizer(["0123456789"], vocab_size=256 + len(SPECIAL_TOKENS))
+    processor = make_processor(tok)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(WORLD_TEXT, vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+
+    base = Qwen2ForCausalLM(Qwen2Config(**text))
+    fit(base, base.parameters(), lambda: (text_batch(tok, [
+        base_example(rng) for _ in range(stages["base"]["batch"])]), None),
+        stages["base"], "BASE: chat format and copying")
+
+    lrm = Qwen2ForCausalLM(base.config)
+    lrm.load_state_dict(base.state_dict())
+    fit(lrm, lrm.parameters(), lambda: (text_batch(tok, [
+        lrm_example(rng) for _ in range(stages["lrm"]["batch"])] + [
+        base_example(rng) for _ in range(8)]), None),  # replay keeps BASE's skills
+        stages["lrm"], "LRM: worked arithmetic")
+
+    vlm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
+        vision_config=dict(WORLD_VISION, out_hidden_size=text["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False))
+    vlm.model.language_model.load_state_dict(base.model.state_dict())
+    vlm.lm_head.load_state_dict(base.lm_head.state_dict())
+    digit_ids = torch.tensor(tok.convert_tokens_to_ids(list("0123456789")))
+
+    def toward_digit_embeddings(batch, digits):
+        """Pull each visual token towards the text embedding of its digit (relative MSE)."""
+        feats = torch.cat(vlm.model.get_image_features(batch["pixel_values"],
+                                                       batch["image_grid_thw"]).pooler_output)
+        target = vlm.model.language_model.embed_tokens.weight[digit_ids[digits]].detach()
+        target = target.repeat_interleave(feats.shape[0] // len(digits), dim=0)
+        return 5.0 * ((feats - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean()
+
+    vlm.requires_grad_(False)
+    vlm.model.visual.requires_grad_(True)
+    fit(vlm, vlm.model.visual.parameters(), lambda: image_batch(
+        processor, rng, stages["vision"]["batch"]), stages["vision"],
+        "VLM: vision tower, language model frozen", toward_digit_embeddings)
+    vlm.requires_grad_(True)  # a short all-trainable stage: the VLM's own task vector
+    fit(vlm, vlm.parameters(), lambda: image_batch(processor, rng, stages["vlm"]["batch"]),
+        stages["vlm"], "VLM: all weights")
+
+    gen = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    for name, model in [("base", base), ("lrm", lrm), ("vlm", vlm)]:
+        model.generation_config = gen
+        model.save_pretrained(os.path.join(root, name))
+        tok.save_pretrained(os.path.join(root, name))
+    processor.save_pretrained(os.path.join(root, "vlm"))
+
+
+def write_benchmarks(root, n, seed=1):
+    """eval.py's local form: toy perception, toy VL reasoning, the LRM's text form; and
+    frism.py's label-free calibration set (questions and images, no answers)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+
+    def image(name, d):
+        draw_digit(d, rng).save(os.path.join(root, "images", name))
+        return f"images/{name}"
+
+    files = {"perception": [], "vl_reasoning": [], "text_reasoning": [], "calib": []}
+    for i in range(n):
+        d = rng.randint(0, 9)
+        files["perception"].append({"image": image(f"p{i}.png", d), "kind": "perception",
+                                    "question": perception_question(rng), "answer": d})
+        d = rng.randint(0, 9)
+        files["vl_reasoning"].append({"image": image(f"r{i}.png", d), "kind": "reasoning",
+                                      "question": VL_REASONING_QUESTION, "answer": 7 * d + 5})
+        d = rng.randint(0, 9)
+        files["text_reasoning"].append({"kind": "reasoning", "answer": 7 * d + 5, "question":
+                                        f"What number is this: {d}? {INSTRUCTION}"})
+    for i in range(max(8, n // 3)):
+        files["calib"].append({"image": image(f"c{i}.png", rng.randint(0, 9)),
+                               "question": perception_question(rng)})
+    for name, items in files.items():
+        with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(item) + "\n" for item in items)
+    return {name: os.path.join(root, f"{name}.jsonl") for name in files}
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment: Task Arithmetic at several lambdas against FRISM, scored by eval.py
+# ----------------------------------------------------------------------------------------------
+
+LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+# FRISM is swept over alpha as Task Arithmetic is over lambda: each method gets its curve.
+# Ours, fixed before looking at any benchmark: the Task Arithmetic sweep reaches past lambda = 1,
+# so FRISM's gates get the range [0, 2]; the other settings are frism.py's defaults.
+ALPHAS = (0.1, 0.3, 1.0)
+FRISM_SETTINGS = ["--lam", "2.0", "--steps", "150", "--batch-size", "8", "--max-new-tokens", "16"]
+
+
+def experiment(world, runs, data, smoke):
+    import eval as ev
     import frism
-    trio = os.path.join(args.dir, "trio")
-    if args.rebuild or not os.path.isfile(os.path.join(trio, "data", "calib.jsonl")):
-        import shutil
-        shutil.rmtree(trio, ignore_errors=True)
-        build_tiny_trio(trio)
-    paths = ["--vlm", f"{trio}/vlm", "--lrm", f"{trio}/lrm", "--base", f"{trio}/base"]
-    runs = {"task_arithmetic": ["--no-train"],
-            "frism": ["--data", f"{trio}/data/calib.jsonl", "--steps", str(args.steps),
-                      "--max-new-tokens", "8"]}
-    for name, extra in runs.items():
-        out = os.path.join(args.dir, name)
-        if frism.main(paths + ["--out", out, "--overwrite"] + extra) != 0:
-            return 1
-        with open(os.path.join(out, "frism_report.json")) as f:
-            report = json.load(f)
-        curve = report["loss_curve"]
-        summary = (f"KL {curve[-1]['kl']:.4f}, injected energy {curve[-1]['injected']:.3f}, "
-                   f"mean gate {curve[-1]['mean_gate']:.3f}" if curve else "every gate open")
-        print(f"{name:16s} -> {out}: {summary}")
+    trio = ["--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base", f"{world}/base"]
+    models = {"VLM": f"{world}/vlm"}
+    for lam in LAMBDAS:
+        models[f"TA {lam}"] = os.path.join(runs, f"ta-{lam}")
+        if frism.main(trio + ["--no-train", "--lam", str(lam), "--out", models[f"TA {lam}"],
+                              "--overwrite"]):
+            raise SystemExit("frism.py --no-train failed")
+    for alpha in ALPHAS:
+        models[f"FRISM {alpha}"] = os.path.join(runs, f"frism-{alpha}")
+        settings = FRISM_SETTINGS + ["--alpha", str(alpha)] + (["--steps", "2"] if smoke else [])
+        if frism.main(trio + settings + ["--data", data["calib"], "--overwrite",
+                                         "--out", models[f"FRISM {alpha}"]]):
+            raise SystemExit("frism.py failed")
+    common = ["--max-new-tokens", "40", "--batch-size", "50", "--device", "cpu"]
+    vl = ev.run(ev.parse_args(["--models", *models.values(), "--benchmarks", data["perception"],
+                               data["vl_reasoning"], "--out", os.path.join(runs, "results.json"),
+                               *common]))
+    text = ev.run(ev.parse_args(["--models", f"{world}/lrm", f"{world}/vlm", "--benchmarks",
+                                 data["text_reasoning"], "--out",
+                                 os.path.join(runs, "results_text.json"), *common]))
+    rows = {name: {"perception": vl["results"][path]["perception"]["score"],
+                   "vl_reasoning": vl["results"][path]["vl_reasoning"]["score"]}
+            for name, path in models.items()}
+    rows["LRM"] = {"text_reasoning": text["results"][f"{world}/lrm"]["text_reasoning"]["score"]}
+    rows["VLM"]["text_reasoning"] = text["results"][f"{world}/vlm"]["text_reasoning"]["score"]
+    return rows, models
+
+
+def plot(rows, models, runs):
+    """The paper's Fig. 2 in miniature, and the learned gates against singular-value index."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots.")
+        return []
+    from safetensors.torch import load_file
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ta = [(rows[f"TA {lam}"]["perception"], rows[f"TA {lam}"]["vl_reasoning"], lam)
+          for lam in LAMBDAS]
+    ax.plot([p for p, _, _ in ta], [r for _, r, _ in ta], "o-", color="tab:blue",
+            label="Task Arithmetic")
+    for p, r, lam in ta:
+        ax.annotate(f"λ={lam}", (p, r), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot(rows["VLM"]["perception"], rows["VLM"]["vl_reasoning"], "s", color="gray",
+            label="VLM alone")
+    fr = [(rows[f"FRISM {a}"]["perception"], rows[f"FRISM {a}"]["vl_reasoning"], a)
+          for a in ALPHAS]
+    ax.plot([p for p, _, _ in fr], [r for _, r, _ in fr], "*-", color="tab:red",
+            markersize=12, label="FRISM")
+    for p, r, a in fr:
+        ax.annotate(f"α={a}", (p, r), textcoords="offset points", xytext=(4, -10), fontsize=8,
+                    color="tab:red")
+    ax.set_xlabel("toy perception accuracy (%)")
+    ax.set_ylabel("toy VL reasoning accuracy (%)")
+    ax.set_title("Reasoning against perception (toy world)")
+    ax.legend()
+    fig.tight_layout()
+    paths = [os.path.join(runs, "tradeoff.png"), os.path.join(runs, "gates.png")]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    gates = load_file(os.path.join(models[f"FRISM {ALPHAS[-1]}"], "frism_gates.safetensors"))
+    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in gates})
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), sharey=True)
+    for ax, layer in zip(list(axes) if len(layers) > 1 else [axes], layers):
+        for key, g in gates.items():
+            if f".layers.{layer}." in key:
+                ax.plot(torch.sigmoid(g).numpy(), label=key.rsplit(".", 1)[1], lw=1)
+        ax.set_title(f"layer {layer} (FRISM, alpha={ALPHAS[-1]})")
+        ax.set_xlabel("singular direction (descending S)")
+    axes[0].set_ylabel("gate sigmoid(g)") if len(layers) > 1 else axes.set_ylabel("gate")
+    (axes[-1] if len(layers) > 1 else axes).legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build the toy world (cached) and compare Task "
+                                "Arithmetic with FRISM in it, offline, on the CPU.")
+    p.add_argument("--dir", default="toy_world", help="where the world, merges and plots go")
+    p.add_argument("--rebuild", action="store_true", help="retrain the world even if cached")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few steps of everything: checks the pipeline, shows nothing")
+    p.add_argument("--items", type=int, default=200, help="items per toy benchmark")
+    args = p.parse_args(argv)
+    started = time.time()
+    world, runs = os.path.join(args.dir, "world"), os.path.join(args.dir, "runs")
+    if args.rebuild or not os.path.isfile(os.path.join(world, "done")):
+        shutil.rmtree(world, ignore_errors=True)
+        build_world(world, smoke=args.smoke)
+        open(os.path.join(world, "done"), "w").close()
+    data = write_benchmarks(os.path.join(args.dir, "benchmarks"),
+                            4 if args.smoke else args.items)
+    rows, models = experiment(world, runs, data, args.smoke)
+    print(f"\n{'model':10s} {'perception':>10s} {'VL reasoning':>12s} {'text reasoning':>14s}")
+    for name, row in rows.items():
+        cells = [row.get(k) for k in ("perception", "vl_reasoning", "text_reasoning")]
+        print(f"{name:10s} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>{w}s}"
+                                          for v, w in zip(cells, (10, 12, 14))))
+    with open(os.path.join(runs, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    for path in plot(rows, models, runs):
+        print(f"plot: {path}")
+    print(f"done in {time.time() - started:.0f} s")
     return 0
 
 
