@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from frism import fit_pixels
+from frism import InputError, check_model_name, fit_pixels  # InputError: one sentence, exit 2
 
 # Hub ids, configs, splits and columns in one place: dataset ids move, so they are editable here.
 BENCHMARKS = {
@@ -40,10 +40,6 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_HINT = "Answer with the option's letter."  # ours, as are the two hints below
 YESNO_HINT = "Answer yes or no."
 BOXED_HINT = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-class InputError(Exception):
-    """A problem with what the user asked for: reported as one sentence, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,12 +313,6 @@ def load_benchmarks(names, limit):
 # Models and generation: batched, left-padded, greedy, the same for every model
 # ----------------------------------------------------------------------------------------------
 
-def check_model_name(name):
-    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
-                                    or name.count("/") != 1):
-        raise InputError(f"--models {name!r} is not a model directory or a hub id.")
-
-
 def load_model(name, args):
     """A VLM (its own class) with its processor, or a text-only LLM with its tokenizer."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
@@ -504,7 +494,7 @@ def run(args):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
     for name in args.models:
-        check_model_name(name)
+        check_model_name(name, "--models")
     benchmarks = load_benchmarks(args.benchmarks, args.limit)
     kinds = {name: items[0]["kind"] for name, items in benchmarks.items()}
     all_results = {}

@@ -99,6 +99,9 @@ def parse_args(argv=None):
                    "plan (weights, factors, activations) without loading or downloading weights")
     p.add_argument("--device-memory", type=float, default=None,
                    help="GiB the plan must fit in (default: the GPU's own memory)")
+    p.add_argument("--cache-teacher", action="store_true", help="compute the teacher's answer "
+                   "log-probs once instead of every step: faster, at num-samples x answer "
+                   "length x vocabulary x 4 bytes of CPU memory")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward pass: less memory, ~30%% "
                         "more time")
@@ -112,12 +115,18 @@ def parse_args(argv=None):
 # 0. Check the inputs before anything heavy
 # ----------------------------------------------------------------------------------------------
 
+def check_model_name(name, flag):
+    """A local directory, or something shaped like a hub id ("org/name"): else one clear error."""
+    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
+                                    or name.count("/") != 1):
+        raise InputError(f"{flag} {name!r} is not a model directory or a hub id.")
+
+
 def local_dir(name, flag):
     """A local model directory as is; a hub id downloaded (or found in the hub cache)."""
+    check_model_name(name, flag)
     if os.path.isdir(name):
         return name
-    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise InputError(f"{flag} {name!r} is not a model directory or a hub id.")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt",
@@ -317,7 +326,9 @@ def task_vectors(lrm_index, base_index, names):
 def decompose(tau, rank, device):
     """tau = U diag(S) Vh in fp32, singular values descending, optionally the top-k only."""
     U, S, Vh = torch.linalg.svd(tau.to(device), full_matrices=False)
-    return U[:, :rank], S[:rank], Vh[:rank]
+    if rank is not None:  # copies, so that the dropped directions' memory is freed
+        U, S, Vh = U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].clone()
+    return U, S, Vh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,12 +440,12 @@ def make_batch(processor, items, device):
     """Prompt + cached answer per item, right-padded. mask[b, t] is True where the token at t+1
     is an answer token: the logits at t predict it (ours, see README)."""
     rows = [processor(text=[chat_prompt(processor, q)], images=[image], return_tensors="pt")
-            for image, q, _ in items]
-    length = max(row["input_ids"].shape[1] + len(a) for row, (_, _, a) in zip(rows, items))
+            for image, q, *_ in items]
+    length = max(row["input_ids"].shape[1] + len(a) for row, (_, _, a, *_) in zip(rows, items))
     per_token = [k for k, v in rows[0].items() if v.shape == rows[0]["input_ids"].shape]
     batch = {k: [] for k in rows[0]}
     mask = torch.zeros(len(items), length, dtype=torch.bool)
-    for b, (row, (_, _, answer)) in enumerate(zip(rows, items)):
+    for b, (row, (_, _, answer, *_)) in enumerate(zip(rows, items)):
         n, a = row["input_ids"].shape[1], torch.tensor([answer])
         tail = {"input_ids": a, "attention_mask": torch.ones_like(a)}
         for k, v in row.items():
@@ -453,12 +464,29 @@ def answer_logits(model, batch, mask):
     return model.lm_head(hidden[mask.to(hidden.device)]).float()
 
 
-def distill_loss(model, gated, batch, mask):
-    """Eq. 8: KL(p_vlm || p_merged) per answer token over the full vocabulary, token mean (ours)."""
-    with torch.no_grad(), deltas_off(gated):
-        teacher = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
+def distill_loss(model, gated, batch, mask, teacher=None):
+    """Eq. 8: KL(p_vlm || p_merged) per answer token over the full vocabulary, token mean (ours).
+    The teacher's log-probs are computed here, deltas off, unless they were cached."""
+    if teacher is None:
+        with torch.no_grad(), deltas_off(gated):
+            teacher = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
     student = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return F.kl_div(student, teacher.to(student.device), log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def cache_teacher(model, processor, gated, answers, args):
+    """Ours, a speed option (--cache-teacher): the teacher never changes, so its answer-position
+    log-probs are computed once, kept on the CPU in fp32, and no step runs the teacher again."""
+    cached = []
+    with deltas_off(gated):
+        for i in tqdm(range(0, len(answers), args.batch_size), desc="Caching teacher log-probs"):
+            chunk = answers[i:i + args.batch_size]
+            batch, mask = make_batch(processor, chunk, model.device)
+            logp = F.log_softmax(answer_logits(model, batch, mask), dim=-1).cpu()
+            cached += [(*item, part) for item, part in
+                       zip(chunk, logp.split([len(item[2]) for item in chunk]))]
+    return cached
 
 
 def inject_loss(gated):
@@ -495,8 +523,10 @@ def train(model, processor, gated, answers, args):
     for step in bar:
         kl_total = 0.0
         for _ in range(args.grad_accum):
-            batch, mask = make_batch(processor, next(data), model.device)
-            kl = distill_loss(model, gated, batch, mask)
+            items = next(data)
+            batch, mask = make_batch(processor, items, model.device)
+            teacher = torch.cat([item[3] for item in items]) if args.cache_teacher else None
+            kl = distill_loss(model, gated, batch, mask, teacher)
             inject = inject_loss(gated)
             loss = kl + args.alpha * inject  # Eq. 10
             if not torch.isfinite(loss):
@@ -569,7 +599,14 @@ def checkpoint_dtype(path, default):
 
 
 def peak_memory():
-    memory = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    """Peak resident memory of this process (and of the GPU). Linux's VmHWM, where there is one:
+    ru_maxrss survives exec, so it would count the memory of whatever process launched us."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = {"peak_rss_gib": kib / 2 ** 20}
     if torch.cuda.is_available():
         memory["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return memory
@@ -661,9 +698,7 @@ def dry_run(args):
     configs = {}
     for flag in ("vlm", "lrm", "base"):
         name = getattr(args, flag)
-        if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
-                                        or name.count("/") != 1):
-            raise InputError(f"--{flag} {name!r} is not a model directory or a hub id.")
+        check_model_name(name, f"--{flag}")
         try:
             configs[flag] = AutoConfig.from_pretrained(name)
         except Exception as e:
@@ -694,11 +729,12 @@ def dry_run(args):
 
 
 def run(args):
-    seconds, t = {}, time.perf_counter()
+    seconds, peaks, t = {}, {}, time.perf_counter()
 
     def lap(stage):
         nonlocal t
         seconds[stage] = round(time.perf_counter() - t, 3)
+        peaks[stage] = peak_memory()  # the peak so far: where it rises is where memory goes
         t = time.perf_counter()
 
     for flag in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
@@ -726,6 +762,8 @@ def run(args):
         lap("task_arithmetic")
     else:
         gated = inject(model, lrm_index, base_index, args)  # 2-4
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the SVD workspaces back before training starts
         lap("svd")
         if args.no_train:
             for layer in gated.values():
@@ -735,6 +773,8 @@ def run(args):
             if not answers:
                 raise InputError("the VLM gave an empty answer to every calibration question; "
                                  "check --data and --max-new-tokens.")
+            if args.cache_teacher:
+                answers = cache_teacher(model, processor, gated, answers, args)
             lap("teacher")
             history = train(model, processor, gated, answers, args)
             lap("train")
@@ -742,7 +782,7 @@ def run(args):
         fold(model, gated)  # 6
         lap("fold")
     report = {"args": vars(args), "versions": versions(), "seconds": seconds,
-              "memory": peak_memory(), "calibration": {"questions": len(samples or []),
+              "memory": dict(peak_memory(), after_stage=peaks), "calibration": {"questions": len(samples or []),
                                                        "answers": len(answers)},
               "loss_curve": history,
               "gates": stats if gates and not (args.no_train and args.rank is None) else {}}
@@ -759,7 +799,8 @@ def main(argv=None):
         print(f"frism.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
     if not args.dry_run:
-        print(f"Merged model written to {args.out} ({sum(report['seconds'].values()):.1f} s).")
+        print(f"Merged model written to {args.out} ({sum(report['seconds'].values()):.1f} s; "
+              f"peak RSS {peak_memory()['peak_rss_gib']:.2f} GiB).")
     return 0
 
 
