@@ -77,7 +77,8 @@ def parse_args(argv=None):
                    help="shrink larger images to this many pixels (ours: VizWiz photos are large)")
     p.add_argument("--lam", type=float, default=1.0,
                    help="lambda_lrm of Eq. 7: each gate then scales its subspace from 0 to lam")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_inject in Eq. 10")
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of L_inject in Eq. 10 "
+                   "(ours: measured in toy.py, see README)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps on the gates")
     p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates")
     p.add_argument("--batch-size", type=int, default=4, help="questions per forward pass")
