@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -407,7 +406,6 @@ def test_data_with_a_missing_image_is_refused(trio, tmp_path):
 def test_a_crash_while_saving_leaves_no_model_behind(trio, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(frism.GatedLinear, "folded_weight", frism.GatedLinear.folded_weight)
     args = settings(trio, tmp_path / "out", "--no-train")
     model, processor = frism.load_vlm(trio["vlm"], args)
     monkeypatch.setattr(type(model), "save_pretrained", broken)
