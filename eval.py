@@ -21,7 +21,9 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from frism import InputError, check_model_name, fit_pixels  # InputError: one sentence, exit 2
+# InputError: one sentence on stderr, exit 2, as in frism.py
+from frism import (InputError, check_model_name, end_of_turn_ids, fit_pixels, load_config,
+                   open_dataset)
 
 # Hub ids, configs, splits and columns in one place: dataset ids move, so they are editable here.
 BENCHMARKS = {
@@ -227,16 +229,10 @@ ITEMS = {"mathvista": mathvista_item, "mathverse": mathverse_item,
 
 def load_hub(name, path, limit):
     """A benchmark from the hub (or a local copy of it), as items; --limit after a seeded shuffle."""
-    import datasets
     spec = BENCHMARKS[name]
     path = path or spec["path"]
     try:
-        if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
-                os.path.join(path, "dataset_dict.json")):
-            rows = datasets.load_from_disk(path)
-            rows = rows[spec["split"]] if isinstance(rows, datasets.DatasetDict) else rows
-        else:
-            rows = datasets.load_dataset(path, spec["config"], split=spec["split"])
+        rows = open_dataset(path, spec["split"], spec["config"])
     except Exception as e:
         raise InputError(f"benchmark {name!r} could not be loaded from {path!r} "
                          f"({type(e).__name__}).") from e
@@ -315,14 +311,11 @@ def load_benchmarks(names, limit):
 
 def load_model(name, args):
     """A VLM (its own class) with its processor, or a text-only LLM with its tokenizer."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
-                              AutoProcessor, AutoTokenizer)
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except Exception as e:
-        raise InputError(f"--models {name!r} could not be loaded ({type(e).__name__}).") from e
-    dtype = getattr(torch, args.dtype)
-    if hasattr(config, "vision_config"):
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                              AutoTokenizer)
+    config = load_config(name, "--models")
+    dtype, vision = getattr(torch, args.dtype), hasattr(config, "vision_config")
+    if vision:
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
         processor = AutoProcessor.from_pretrained(name)
         tokenizer = processor.tokenizer
@@ -332,7 +325,7 @@ def load_model(name, args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return dict(model=model.to(args.device).eval(), processor=processor, tokenizer=tokenizer,
-                vision=hasattr(config, "vision_config"))
+                vision=vision)
 
 
 def chat(m, question, has_image, system):
@@ -346,8 +339,7 @@ def chat(m, question, has_image, system):
 @torch.no_grad()
 def generate(m, items, args, desc):
     """(prompt, output text, hit the token limit) for every item; images first, then text-only."""
-    stop = m["model"].generation_config.eos_token_id
-    stop = set(stop if isinstance(stop, list) else [stop]) | {m["tokenizer"].eos_token_id}
+    stop = end_of_turn_ids(m["model"], m["tokenizer"])
     results = [None] * len(items)
     groups = [[i for i, it in enumerate(items) if it.get("image") is not None],
               [i for i, it in enumerate(items) if it.get("image") is None]]

@@ -137,12 +137,17 @@ def local_dir(name, flag):
                          ) from e
 
 
-def text_config(path):
+def load_config(name, flag):
+    """The whole config of a model directory or hub id (only config.json is fetched)."""
     from transformers import AutoConfig
     try:
-        cfg = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(name)
     except Exception as e:
-        raise InputError(f"{path!r} has no readable config.json ({e}).") from e
+        raise InputError(f"{flag} {name!r} has no readable config.json ({type(e).__name__}).") from e
+
+
+def language_config(cfg):
+    """The language model's part of a config: a VLM's text_config, an LLM's config itself."""
     return getattr(cfg, "text_config", None) or cfg
 
 
@@ -266,16 +271,20 @@ def load_calibration(args):
     return [(fit_pixels(image, args.max_pixels), question) for image, question in samples]
 
 
+def open_dataset(path, split, config=None, streaming=False):
+    """A datasets.save_to_disk directory, or anything load_dataset reads (hub id, data files)."""
+    import datasets
+    if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
+            os.path.join(path, "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    return datasets.load_dataset(path, config, split=split, streaming=streaming)
+
+
 def dataset_rows(args):
     """Rows of a hub dataset, streamed (only what is used is downloaded), or a saved one."""
-    import datasets
     try:
-        if os.path.isfile(os.path.join(args.data, "dataset_info.json")) or os.path.isfile(
-                os.path.join(args.data, "dataset_dict.json")):
-            ds = datasets.load_from_disk(args.data)
-            ds = ds[args.data_split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(args.data, split=args.data_split, streaming=True)
+        ds = open_dataset(args.data, args.data_split, streaming=True)
     except Exception as e:
         raise InputError(f"--data {args.data!r} split {args.data_split!r} could not be loaded "
                          f"({type(e).__name__}: {e}).") from e
@@ -415,12 +424,17 @@ def chat_prompt(processor, question):
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def end_of_turn_ids(model, tokenizer):
+    """Every token id that ends a turn: the generation config's (one or a list) and the tokenizer's."""
+    stop = model.generation_config.eos_token_id
+    return set(stop if isinstance(stop, list) else [stop]) | {tokenizer.eos_token_id}
+
+
 @torch.no_grad()
 def teacher_answers(model, processor, gated, samples, args):
     """Ours: the teacher (every delta off) answers each question once, greedily; the answer ids
     are cached, the closing end-of-turn token included. Empty answers are dropped."""
-    stop = model.generation_config.eos_token_id
-    stop = set(stop if isinstance(stop, list) else [stop]) | {processor.tokenizer.eos_token_id}
+    stop = end_of_turn_ids(model, processor.tokenizer)
     cached = []
     with deltas_off(gated):
         for i in tqdm(range(0, len(samples), args.batch_size), desc="Teacher answers"):
@@ -625,7 +639,7 @@ def versions():
 
 def estimated_parameters(cfg):
     """Parameters of a Qwen2/2.5-VL-style model from its config (within ~1 % of the cards)."""
-    t = getattr(cfg, "text_config", None) or cfg
+    t = language_config(cfg)
     h, i, hd = t.hidden_size, t.intermediate_size, config_value(t, "head_dim")
     q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
     layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h
@@ -663,7 +677,7 @@ def parameter_count(name, cfg):
 def memory_plan(cfg, parameters, args, device_gib):
     """Bytes of everything a run holds at its peak, and the largest --rank that fits (ours: an
     estimate; activations are those the backward pass to the gates keeps, per token and layer)."""
-    t = getattr(cfg, "text_config", None) or cfg
+    t = language_config(cfg)
     b = torch.finfo(getattr(torch, args.dtype)).bits // 8
     shapes = list(expected_shapes(t).values())
     tokens = args.batch_size * (args.max_pixels // (28 * 28) + 64 + args.max_new_tokens)
@@ -695,18 +709,12 @@ def memory_plan(cfg, parameters, args, device_gib):
 
 def dry_run(args):
     """Check the three configs and print the memory plan; no weight is downloaded or loaded."""
-    from transformers import AutoConfig
     configs = {}
     for flag in ("vlm", "lrm", "base"):
-        name = getattr(args, flag)
-        check_model_name(name, f"--{flag}")
-        try:
-            configs[flag] = AutoConfig.from_pretrained(name)
-        except Exception as e:
-            raise InputError(f"--{flag} {name!r} has no readable config ({type(e).__name__}).") from e
-    text = lambda c: getattr(c, "text_config", None) or c  # noqa: E731
-    check_configs(text(configs["vlm"]), {"--lrm": text(configs["lrm"]),
-                                         "--base": text(configs["base"])})
+        check_model_name(getattr(args, flag), f"--{flag}")
+        configs[flag] = load_config(getattr(args, flag), f"--{flag}")
+    check_configs(language_config(configs["vlm"]), {"--lrm": language_config(configs["lrm"]),
+                                                    "--base": language_config(configs["base"])})
     parameters, source = parameter_count(args.vlm, configs["vlm"])
     device_gib = args.device_memory or (torch.cuda.get_device_properties(0).total_memory / 2 ** 30
                                         if args.device.startswith("cuda") and
@@ -747,8 +755,9 @@ def run(args):
         raise InputError("--out is required (where the merged model goes).")
     vlm, lrm, base = (local_dir(getattr(args, k), f"--{k}") for k in ("vlm", "lrm", "base"))
     check_out(args, [vlm, lrm, base])
-    vlm_cfg = text_config(vlm)
-    check_configs(vlm_cfg, {"--lrm": text_config(lrm), "--base": text_config(base)})
+    vlm_cfg = language_config(load_config(vlm, "--vlm"))
+    check_configs(vlm_cfg, {"--lrm": language_config(load_config(lrm, "--lrm")),
+                            "--base": language_config(load_config(base, "--base"))})
     lrm_index, base_index = safetensors_index(lrm, "--lrm"), safetensors_index(base, "--base")
     check_weights(expected_shapes(vlm_cfg), {"--lrm": lrm_index, "--base": base_index})
     samples = None if args.no_train else load_calibration(args)
@@ -760,6 +769,7 @@ def run(args):
     if args.no_train and args.rank is None:  # Task Arithmetic needs no SVD
         layers = task_arithmetic(model, lrm_index, base_index, args)
         gates = {path: torch.full((min(m.weight.shape),), math.inf) for path, m in layers.values()}
+        stats = {}  # no subspaces were formed
         lap("task_arithmetic")
     else:
         gated = inject(model, lrm_index, base_index, args)  # 2-4
@@ -783,10 +793,9 @@ def run(args):
         fold(model, gated)  # 6
         lap("fold")
     report = {"args": vars(args), "versions": versions(), "seconds": seconds,
-              "memory": dict(peak_memory(), after_stage=peaks), "calibration": {"questions": len(samples or []),
-                                                       "answers": len(answers)},
-              "loss_curve": history,
-              "gates": stats if gates and not (args.no_train and args.rank is None) else {}}
+              "memory": dict(peak_memory(), after_stage=peaks),
+              "calibration": {"questions": len(samples or []), "answers": len(answers)},
+              "loss_curve": history, "gates": stats}
     save(model, processor, gates, report, args, checkpoint_dtype(vlm, model.dtype))
     return report
 

@@ -471,7 +471,7 @@ def test_hub_model_ids_resolve_through_the_hub_cache(trio, tmp_path, monkeypatch
 
 def test_soft_config_differences_only_warn(trio):
     from transformers import AutoConfig
-    vlm = frism.text_config(trio["vlm"])
+    vlm = frism.language_config(frism.load_config(trio["vlm"], "--vlm"))
     other = AutoConfig.from_pretrained(trio["lrm"])
     other.rope_parameters = dict(other.rope_parameters, rope_theta=1e6)
     other.vocab_size += 10
@@ -667,11 +667,10 @@ def write_shaped_trio(root, seed=0):
     """Random weights in the real layout: hidden 896, FFN 4864, 24 layers, 14 heads, 2 kv heads;
     the LRM = base + a low-rank-plus-noise update; the VLM's language model = base + noise."""
     import toy
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLConfig, \
-        Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     tok = toy.make_tokenizer(["0123456789"], vocab_size=263)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
+    ids = toy.special_ids(tok)
     text = dict(vocab_size=len(tok), hidden_size=896, intermediate_size=4864,
                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                 tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"],
@@ -680,14 +679,8 @@ def write_shaped_trio(root, seed=0):
     base.save_pretrained(root / "base", max_shard_size="500MB")
     toy.perturbed(base, 0.15, 64, seed + 1).save_pretrained(root / "lrm", max_shard_size="500MB")
     base = Qwen2ForCausalLM.from_pretrained(root / "base")
-    vlm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(text, rope_theta=10000.0,
-                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
-        vision_config=dict(toy.TINY_VISION, out_hidden_size=896),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
-    vlm.model.language_model.load_state_dict(base.model.state_dict())
-    vlm.lm_head.load_state_dict(base.lm_head.state_dict())
+    vlm = toy.vlm_from_base(base, dict(text, rope_theta=10000.0), toy.TINY_VISION, [8, 12, 12],
+                            ids)
     toy.perturbed(vlm.model.language_model, 0.05, 16, seed + 2)
     vlm.generation_config.eos_token_id = ids["<|im_end|>"]
     vlm.generation_config.pad_token_id = ids["<|endoftext|>"]

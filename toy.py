@@ -104,16 +104,47 @@ def perturbed(model, scale, rank, seed):
     return model
 
 
+def special_ids(tok):
+    return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def vlm_from_base(base, text, vision, mrope_section, ids):
+    """A Qwen2.5-VL whose language model and lm_head are copies of BASE (same shapes, so the
+    three models can be merged), with a fresh vision tower of the given size."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    vlm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": mrope_section}),
+        vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False))
+    vlm.model.language_model.load_state_dict(base.model.state_dict())
+    vlm.lm_head.load_state_dict(base.lm_head.state_dict())
+    return vlm
+
+
+def save_trio(root, tok, processor, **models):
+    """save_pretrained layout: root/base, root/lrm, root/vlm (the processor beside the VLM)."""
+    from transformers import GenerationConfig
+    ids = special_ids(tok)
+    gen = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                           bos_token_id=ids["<|endoftext|>"])
+    for name, model in models.items():
+        model.generation_config = gen
+        model.save_pretrained(os.path.join(root, name))
+        tok.save_pretrained(os.path.join(root, name))
+    processor.save_pretrained(os.path.join(root, "vlm"))
+
+
 def build_tiny_trio(root, seed=0, num_images=8):
     """Write base/, lrm/, vlm/ (save_pretrained layout) and data/calib.jsonl under root."""
-    from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration, GenerationConfig)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     rng = random.Random(seed)
     corpus = [f"What number is shown? The number is {d}." for d in range(10)] * 4
     tok = make_tokenizer(corpus)
     processor = make_processor(tok)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = special_ids(tok)
     text = dict(TINY_TEXT, vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
 
@@ -122,23 +153,9 @@ def build_tiny_trio(root, seed=0, num_images=8):
     lrm.load_state_dict(base.state_dict())
     perturbed(lrm, 0.3, 4, seed + 1)
 
-    vlm_cfg = Qwen2_5_VLConfig(
-        text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
-        vision_config=dict(TINY_VISION, out_hidden_size=text["hidden_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
-    vlm = Qwen2_5_VLForConditionalGeneration(vlm_cfg)
-    vlm.model.language_model.load_state_dict(base.model.state_dict())
-    vlm.lm_head.load_state_dict(base.lm_head.state_dict())
+    vlm = vlm_from_base(base, text, TINY_VISION, [2, 2, 4], ids)
     perturbed(vlm.model.language_model, 0.1, 4, seed + 2)
-    gen = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                           bos_token_id=ids["<|endoftext|>"])
-    for name, model in [("base", base), ("lrm", lrm), ("vlm", vlm)]:
-        model.generation_config = gen
-        model.save_pretrained(os.path.join(root, name))
-        tok.save_pretrained(os.path.join(root, name))
-    processor.save_pretrained(os.path.join(root, "vlm"))
+    save_trio(root, tok, processor, base=base, lrm=lrm, vlm=vlm)
 
     data = os.path.join(root, "data")
     os.makedirs(os.path.join(data, "images"), exist_ok=True)
@@ -277,15 +294,14 @@ def fit(model, params, make_batch, stage, desc, extra_loss=None):
 
 def build_world(root, smoke=False, seed=0):
     """Train BASE, then the LRM and the VLM from it; save all three under root."""
-    from transformers import (GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.set_flush_denormal(True)  # without it, small-model CPU training slowed ~6x here
     torch.manual_seed(seed)
     rng = random.Random(seed)
     stages = {name: dict(stage, **SMOKE) if smoke else stage for name, stage in STAGES.items()}
     tok = make_tokenizer(["0123456789"], vocab_size=256 + len(SPECIAL_TOKENS))
     processor = make_processor(tok)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = special_ids(tok)
     text = dict(WORLD_TEXT, vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
 
@@ -301,14 +317,7 @@ def build_world(root, smoke=False, seed=0):
         base_example(rng) for _ in range(8)]), None),  # replay keeps BASE's skills
         stages["lrm"], "LRM: worked arithmetic")
 
-    vlm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
-        vision_config=dict(WORLD_VISION, out_hidden_size=text["hidden_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False))
-    vlm.model.language_model.load_state_dict(base.model.state_dict())
-    vlm.lm_head.load_state_dict(base.lm_head.state_dict())
+    vlm = vlm_from_base(base, text, WORLD_VISION, [4, 6, 6], ids)
     digit_ids = torch.tensor(tok.convert_tokens_to_ids(list("0123456789")))
 
     def toward_digit_embeddings(batch, digits):
@@ -328,12 +337,7 @@ def build_world(root, smoke=False, seed=0):
     fit(vlm, vlm.parameters(), lambda: image_batch(processor, rng, stages["vlm"]["batch"]),
         stages["vlm"], "VLM: all weights")
 
-    gen = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    for name, model in [("base", base), ("lrm", lrm), ("vlm", vlm)]:
-        model.generation_config = gen
-        model.save_pretrained(os.path.join(root, name))
-        tok.save_pretrained(os.path.join(root, name))
-    processor.save_pretrained(os.path.join(root, "vlm"))
+    save_trio(root, tok, processor, base=base, lrm=lrm, vlm=vlm)
 
 
 def write_benchmarks(root, n, seed=1):
