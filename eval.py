@@ -153,8 +153,8 @@ def score_answer(text, item):
         got = extract_number(text)
         return got, numbers_match(got, to_number(str(gold)), item.get("precision"))
     said = re.findall(r"answer is:?\s*(.+?)\s*\.?$", text, flags=re.IGNORECASE | re.MULTILINE)
-    got = last_boxed(text) or (said[-1] if said else text.strip().splitlines()[-1:] or [""])
-    got = got if isinstance(got, str) else got[0]
+    lines = text.strip().splitlines()
+    got = last_boxed(text) or (said[-1] if said else lines[-1] if lines else "")
     return got, normalise(got) == normalise(gold)
 
 

@@ -532,7 +532,7 @@ def train(model, processor, gated, answers, args):
     optimizer = torch.optim.AdamW(gates, lr=args.lr, weight_decay=0.0)
     data, history = batches(answers, args.batch_size, args.seed), []
     if args.gradient_checkpointing:  # transformers recomputes layers only in train mode
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # Qwen2.5-VL has no dropout: train mode changes nothing else
     bar = tqdm(range(1, args.steps + 1), desc="Training gates")
     for step in bar:
@@ -555,7 +555,8 @@ def train(model, processor, gated, answers, args):
                         "kl": kl_total, "injected": -inject.item(), "mean_gate": mean_gate(gated)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kl=f"{kl_total:.4f}",
                         injected=f"{-inject.item():.3f}", gate=f"{history[-1]['mean_gate']:.3f}")
-    model.gradient_checkpointing_disable()
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_disable()
     model.eval()
     return history
 

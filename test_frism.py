@@ -539,8 +539,8 @@ def test_gradient_checkpointing_changes_memory_not_the_gradients(trio):
         layer = gated["model.language_model.layers.1.mlp.up_proj"]
         batch, mask = frism.make_batch(processor, answers[:2], "cpu")
         if extra:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
             model.train()
         frism.distill_loss(model, gated, batch, mask).backward()
         grads.append(layer.g.grad.clone())
