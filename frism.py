@@ -19,6 +19,7 @@ Lines marked "ours" implement a choice the paper leaves open; README.md lists th
 """
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -100,12 +101,14 @@ def parse_args(argv=None):
                    "plan (weights, factors, activations) without loading or downloading weights")
     p.add_argument("--device-memory", type=float, default=None,
                    help="GiB the plan must fit in (default: the GPU's own memory)")
-    p.add_argument("--cache-teacher", action="store_true", help="compute the teacher's answer "
-                   "log-probs once instead of every step: faster, at num-samples x answer "
-                   "length x vocabulary x 4 bytes of CPU memory")
+    p.add_argument("--cache-teacher", nargs="?", const="yes", default="auto",
+                   choices=["auto", "yes", "no"], help="compute the teacher's answer log-probs "
+                   "once instead of every step: faster, at answer tokens x vocabulary x 4 bytes "
+                   "of host memory; auto: when that saves teacher passes and takes at most half "
+                   "the available host memory")
     p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each decoder layer in the backward pass: less memory, ~30%% "
-                        "more time")
+                   help="recompute each decoder layer in the backward pass: less memory, ~50%% "
+                        "more time a step")
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
@@ -491,8 +494,8 @@ def distill_loss(model, gated, batch, mask, teacher=None):
 
 @torch.no_grad()
 def cache_teacher(model, processor, gated, answers, args):
-    """Ours, a speed option (--cache-teacher): the teacher never changes, so its answer-position
-    log-probs are computed once, kept on the CPU in fp32, and no step runs the teacher again."""
+    """Ours, for speed (--cache-teacher): the teacher never changes, so its answer-position
+    log-probs are computed once, kept in host memory in fp32, and no step runs the teacher again."""
     cached = []
     with deltas_off(gated):
         for i in tqdm(range(0, len(answers), args.batch_size), desc="Caching teacher log-probs"):
@@ -502,6 +505,26 @@ def cache_teacher(model, processor, gated, answers, args):
             cached += [(*item, part) for item, part in
                        zip(chunk, logp.split([len(item[2]) for item in chunk]))]
     return cached
+
+
+def host_memory_available():
+    """Bytes the OS could give us now (Linux's MemAvailable), or None where it cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def teacher_cache_decision(answers, vocab_size, args):
+    """Ours, for --cache-teacher auto: cache when the steps would run the teacher on more answers
+    than there are (so caching saves passes) and the cache takes at most half the free host memory."""
+    size = sum(len(answer) for _, _, answer in answers) * vocab_size * 4
+    if args.cache_teacher != "auto":
+        return args.cache_teacher == "yes", size
+    free = host_memory_available()
+    visits = args.steps * args.grad_accum * args.batch_size
+    return visits > len(answers) and free is not None and size <= free / 2, size
 
 
 def inject_loss(gated):
@@ -540,7 +563,8 @@ def train(model, processor, gated, answers, args):
         for _ in range(args.grad_accum):
             items = next(data)
             batch, mask = make_batch(processor, items, model.device)
-            teacher = torch.cat([item[3] for item in items]) if args.cache_teacher else None
+            cached = len(items[0]) == 4  # (image, question, answer, teacher log-probs)
+            teacher = torch.cat([item[3] for item in items]) if cached else None
             kl = distill_loss(model, gated, batch, mask, teacher)
             inject = inject_loss(gated)
             loss = kl + args.alpha * inject  # Eq. 10
@@ -612,6 +636,17 @@ def checkpoint_dtype(path, default):
         cfg = json.load(f)
     name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else default
+
+
+def frugal_host_memory():
+    """Ours: glibc serves large blocks by mmap and returns them when freed, but each time one is
+    freed it raises that threshold (up to 32 MiB); from then on tensors come from the heap, whose
+    freed blocks stay resident (1.1 GiB after the SVD stage at Qwen2.5-0.5B's size). Fixing the
+    threshold at 256 KiB keeps every larger tensor in its own mapping, returned when freed."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 256 * 1024)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
 
 
 def peak_memory():
@@ -735,6 +770,9 @@ def dry_run(args):
             "; no --rank makes it fit") + (
             "; --gradient-checkpointing fits" if plan.get("checkpointing_fits") else "")
         print(f"  device memory {plan['device_gib']:.1f} GiB: {verdict}")
+    cache = args.num_samples * args.max_new_tokens * language_config(configs["vlm"]).vocab_size * 4
+    print(f"  host memory for the teacher cache: at most {cache / 2 ** 30:.2f} GiB "
+          f"(--cache-teacher auto uses it when it fits)")
     return plan
 
 
@@ -764,6 +802,7 @@ def run(args):
     samples = None if args.no_train else load_calibration(args)
     lap("check")
 
+    frugal_host_memory()
     model, processor = load_vlm(vlm, args)  # 1
     lap("load")
     history, answers = [], []
@@ -785,7 +824,12 @@ def run(args):
             if not answers:
                 raise InputError("the VLM gave an empty answer to every calibration question; "
                                  "check --data and --max-new-tokens.")
-            if args.cache_teacher:
+            caching, size = teacher_cache_decision(
+                answers, model.get_output_embeddings().weight.shape[0], args)
+            print(f"Teacher log-probs: {'cached once' if caching else 'recomputed every step'} "
+                  f"(a cache takes {size / 2 ** 30:.2f} GiB of host memory; --cache-teacher "
+                  f"{args.cache_teacher})")
+            if caching:
                 answers = cache_teacher(model, processor, gated, answers, args)
             lap("teacher")
             history = train(model, processor, gated, answers, args)
@@ -795,7 +839,8 @@ def run(args):
         lap("fold")
     report = {"args": vars(args), "versions": versions(), "seconds": seconds,
               "memory": dict(peak_memory(), after_stage=peaks),
-              "calibration": {"questions": len(samples or []), "answers": len(answers)},
+              "calibration": {"questions": len(samples or []), "answers": len(answers),
+                              "teacher_cached": bool(answers) and len(answers[0]) == 4},
               "loss_curve": history, "gates": stats}
     save(model, processor, gates, report, args, checkpoint_dtype(vlm, model.dtype))
     return report
