@@ -549,39 +549,52 @@ def batches(items, size, seed):
             yield [items[j] for j in order[i:i + size]]
 
 
+@contextlib.contextmanager
+def checkpointing(model, on=True):
+    """--gradient-checkpointing: transformers recomputes each decoder layer in the backward pass,
+    and only in train mode (Qwen2.5-VL has no dropout: train mode changes nothing else)."""
+    if not on:
+        yield
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+        model.eval()
+
+
 def train(model, processor, gated, answers, args):
     gates = [layer.g for layer in gated.values()]
     # Ours: AdamW without weight decay, which would pull every gate towards 0.5.
     optimizer = torch.optim.AdamW(gates, lr=args.lr, weight_decay=0.0)
     data, history = batches(answers, args.batch_size, args.seed), []
-    if args.gradient_checkpointing:  # transformers recomputes layers only in train mode
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # Qwen2.5-VL has no dropout: train mode changes nothing else
     bar = tqdm(range(1, args.steps + 1), desc="Training gates")
-    for step in bar:
-        kl_total = 0.0
-        for _ in range(args.grad_accum):
-            items = next(data)
-            batch, mask = make_batch(processor, items, model.device)
-            cached = len(items[0]) == 4  # (image, question, answer, teacher log-probs)
-            teacher = torch.cat([item[3] for item in items]) if cached else None
-            kl = distill_loss(model, gated, batch, mask, teacher)
-            inject = inject_loss(gated)
-            loss = kl + args.alpha * inject  # Eq. 10
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at step {step}; try a "
-                                         f"smaller --lr or --lam, or --dtype float32.")
-            (loss / args.grad_accum).backward()
-            kl_total += kl.item() / args.grad_accum
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step, "loss": kl_total + args.alpha * inject.item(),
-                        "kl": kl_total, "injected": -inject.item(), "mean_gate": mean_gate(gated)})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kl=f"{kl_total:.4f}",
-                        injected=f"{-inject.item():.3f}", gate=f"{history[-1]['mean_gate']:.3f}")
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_disable()
-    model.eval()
+    with checkpointing(model, args.gradient_checkpointing):
+        for step in bar:
+            kl_total = 0.0
+            for _ in range(args.grad_accum):
+                items = next(data)
+                batch, mask = make_batch(processor, items, model.device)
+                cached = len(items[0]) == 4  # (image, question, answer, teacher log-probs)
+                teacher = torch.cat([item[3] for item in items]) if cached else None
+                kl = distill_loss(model, gated, batch, mask, teacher)
+                inject = inject_loss(gated)
+                loss = kl + args.alpha * inject  # Eq. 10
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {loss.item()} at step {step}; try "
+                                             f"a smaller --lr or --lam, or --dtype float32.")
+                (loss / args.grad_accum).backward()
+                kl_total += kl.item() / args.grad_accum
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": step, "loss": kl_total + args.alpha * inject.item(),
+                            "kl": kl_total, "injected": -inject.item(),
+                            "mean_gate": mean_gate(gated)})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kl=f"{kl_total:.4f}",
+                            injected=f"{-inject.item():.3f}",
+                            gate=f"{history[-1]['mean_gate']:.3f}")
     return history
 
 
@@ -805,7 +818,7 @@ def run(args):
     frugal_host_memory()
     model, processor = load_vlm(vlm, args)  # 1
     lap("load")
-    history, answers = [], []
+    history, answers, caching = [], [], False
     if args.no_train and args.rank is None:  # Task Arithmetic needs no SVD
         layers = task_arithmetic(model, lrm_index, base_index, args)
         gates = {path: torch.full((min(m.weight.shape),), math.inf) for path, m in layers.values()}
@@ -840,7 +853,7 @@ def run(args):
     report = {"args": vars(args), "versions": versions(), "seconds": seconds,
               "memory": dict(peak_memory(), after_stage=peaks),
               "calibration": {"questions": len(samples or []), "answers": len(answers),
-                              "teacher_cached": bool(answers) and len(answers[0]) == 4},
+                              "teacher_cached": caching},
               "loss_curve": history, "gates": stats}
     save(model, processor, gates, report, args, checkpoint_dtype(vlm, model.dtype))
     return report

@@ -579,11 +579,8 @@ def test_gradient_checkpointing_changes_memory_not_the_gradients(trio):
         frism.train(model, processor, gated, answers, args)
         layer = gated["model.language_model.layers.1.mlp.up_proj"]
         batch, mask = frism.make_batch(processor, answers[:2], "cpu")
-        if extra:
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False})
-            model.train()
-        frism.distill_loss(model, gated, batch, mask).backward()
+        with frism.checkpointing(model, bool(extra)):
+            frism.distill_loss(model, gated, batch, mask).backward()
         grads.append(layer.g.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
 
@@ -810,11 +807,8 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
 
     plain = seconds(plain_step)
     step, cached = seconds(lambda: frism_step(False)), seconds(lambda: frism_step(True))
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    recomputed = seconds(lambda: frism_step(True))
-    model.activation_checkpointing_disable()
-    model.eval()
+    with frism.checkpointing(model):
+        recomputed = seconds(lambda: frism_step(True))
     layer = {p.split(".layers.0.")[1]: g for p, g in gated.items() if ".layers.0." in p}
     full = {n: (layer[n].U, layer[n].S, layer[n].Vh) for n in ("self_attn.q_proj", "mlp.up_proj")}
     for g in gated.values():  # the same layers at --rank 128: keep the top 128 subspaces
