@@ -21,19 +21,17 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-# InputError: one sentence on stderr, exit 2, as in frism.py
-from frism import (InputError, check_model_name, end_of_turn_ids, fit_pixels, load_config,
-                   open_dataset)
-
 # Hub ids, configs, splits and columns in one place: dataset ids move, so they are editable here.
+# POPE and MME were re-hosted in 2026 from lmms-lab/ to lmms-lab-encoder/ (where lmms-eval 0.7.3
+# reads them, with the columns used here). NAME=PATH on the command line points at a local copy.
 BENCHMARKS = {
     "mathvista": dict(path="AI4Math/MathVista", config=None, split="testmini", kind="reasoning"),
     "mathverse": dict(path="AI4Math/MathVerse", config="testmini", split="testmini",
                       kind="reasoning"),
     "mathvision": dict(path="MathLLMs/MathVision", config=None, split="testmini",
                        kind="reasoning"),
-    "pope": dict(path="lmms-lab/POPE", config=None, split="test", kind="perception"),
-    "mme": dict(path="lmms-lab/MME", config=None, split="test", kind="perception"),
+    "pope": dict(path="lmms-lab-encoder/POPE", config=None, split="test", kind="perception"),
+    "mme": dict(path="lmms-lab-encoder/MME", config=None, split="test", kind="perception"),
     "mmstar": dict(path="Lin-Chen/MMStar", config=None, split="val", kind="perception"),
 }
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
@@ -42,6 +40,88 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_HINT = "Answer with the option's letter."  # ours, as are the two hints below
 YESNO_HINT = "Answer yes or no."
 BOXED_HINT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: eval.py stands alone (it imports nothing of this project), so it checks its own
+# ----------------------------------------------------------------------------------------------
+
+class InputError(Exception):
+    """A problem with what the user asked for: reported as one sentence, exit code 2."""
+
+
+def check_model_name(name):
+    """A local directory, or something shaped like a hub id ("org/name"): else one clear error."""
+    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
+                                    or name.count("/") != 1):
+        raise InputError(f"--models {name!r} is not a model directory or a hub id.")
+
+
+def check_checkpoint(name):
+    """A local checkpoint's config parses and every safetensors file it names has a readable
+    header (a download cut off half way fails here, with the file named, not in the middle)."""
+    from safetensors import safe_open
+    if not os.path.isdir(name):
+        return  # a hub id: transformers downloads and checks it
+    path = os.path.join(name, "config.json")
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path!r} is missing or does not parse ({e}); re-download it.") from e
+    files = {f for f in os.listdir(name) if f.endswith(".safetensors")}
+    for index in (f for f in os.listdir(name) if f.endswith(".safetensors.index.json")):
+        try:
+            with open(os.path.join(name, index)) as f:
+                named = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{os.path.join(name, index)!r} does not parse ({e}); "
+                             f"re-download it.") from e
+        for missing in sorted(named - files):
+            raise InputError(f"{os.path.join(name, missing)!r} is named by {index} but missing; "
+                             f"re-download it.")
+    for file in sorted(files):
+        try:
+            with safe_open(os.path.join(name, file), "pt") as f:
+                f.keys()
+        except Exception as e:
+            raise InputError(f"{os.path.join(name, file)!r} is not a readable safetensors file "
+                             f"({e}); it may be truncated: re-download it.") from e
+
+
+def load_config(name):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise InputError(f"--models {name!r} has no readable config.json "
+                         f"({type(e).__name__}).") from e
+
+
+def end_of_turn_ids(model, tokenizer):
+    """Every token id that ends a turn: the generation config's (one or a list) and the tokenizer's."""
+    stop = model.generation_config.eos_token_id
+    return set(stop if isinstance(stop, list) else [stop]) | {tokenizer.eos_token_id}
+
+
+def fit_pixels(image, max_pixels):
+    """Shrink an image to at most max_pixels, keeping its aspect ratio."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h > max_pixels:
+        s = math.sqrt(max_pixels / (w * h))
+        image = image.resize((max(28, int(w * s)), max(28, int(h * s))))
+    return image
+
+
+def open_dataset(path, split, config=None):
+    """A datasets.save_to_disk directory, or anything load_dataset reads (hub id, data files)."""
+    import datasets
+    if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
+            os.path.join(path, "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    return datasets.load_dataset(path, config, split=split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,13 +164,18 @@ def extract_letter(text, choices=None):
         found = re.findall(pattern, text, flags=re.IGNORECASE if "answer" in pattern else 0)
         if found:
             return found[-1].upper()
-    if choices:  # the option text itself: the last one mentioned, longest first on ties
+    if choices and not letters_only(choices):  # the option text: the last one mentioned
         lowered = text.lower()
         hits = [(lowered.rfind(str(c).lower()), len(str(c)), i) for i, c in enumerate(choices)
                 if str(c).strip() and str(c).lower() in lowered]
         if hits:
             return LETTERS[max(hits)[2]]
     return None
+
+
+def letters_only(choices):
+    """Options that are just "A".."E" (the content is in the image): no text to match."""
+    return all(str(c).strip() == LETTERS[i] for i, c in enumerate(choices))
 
 
 def extract_yes_no(text):
@@ -128,9 +213,11 @@ def extract_number(text):
     return None
 
 
-def numbers_match(predicted, gold, precision=None):
+def numbers_match(predicted, gold, precision=None, integer=False):
     if predicted is None or gold is None:
         return False
+    if integer:  # MathVista's scorer: int(float(prediction)), so 7.4 counts as 7
+        return int(predicted) == int(gold)
     if precision is not None:
         return round(predicted, int(precision)) == round(gold, int(precision))
     return math.isclose(predicted, gold, rel_tol=1e-4, abs_tol=1e-6)
@@ -143,15 +230,21 @@ def normalise(text):
 def score_answer(text, item):
     """(extracted, correct) for one answer text (reasoning already stripped)."""
     kind, gold = item["type"], item["answer"]
-    if kind == "mc":
+    if kind == "mc":  # right if the letter is one the item accepts (several: duplicate options)
         got = extract_letter(text, item.get("choices"))
-        return got, got == str(gold).strip().upper()
+        if got in item.get("accept", [str(gold).strip().upper()]):
+            return got, True
+        if item.get("answer_text"):  # MathVerse: some answers are the option's text ("False")
+            said, right = score_answer(text, {"type": "text", "answer": item["answer_text"]})
+            return (said, True) if right else (got, False)
+        return got, False
     if kind == "yesno":
         got = extract_yes_no(text)
         return got, got == str(gold).strip().lower()
     if kind == "number":
         got = extract_number(text)
-        return got, numbers_match(got, to_number(str(gold)), item.get("precision"))
+        return got, numbers_match(got, to_number(str(gold)), item.get("precision"),
+                                  item.get("integer", False))
     said = re.findall(r"answer is:?\s*(.+?)\s*\.?$", text, flags=re.IGNORECASE | re.MULTILINE)
     lines = text.strip().splitlines()
     got = last_boxed(text) or (said[-1] if said else lines[-1] if lines else "")
@@ -169,38 +262,72 @@ def with_choices(question, choices, hint=MC_HINT):
 
 
 def mathvista_item(row):
-    """`query` is MathVista's own prompt (hint + question + choices); `answer` is option text."""
+    """`query` is MathVista's own prompt (hint + question + choices); `answer` is the option's
+    text. MathVista's scorer maps the chosen letter to its option text and compares texts, so
+    every letter whose option equals the answer is right (three testmini items list an option
+    twice); options are compared without surrounding spaces (a few have trailing ones)."""
     item = dict(id=row["pid"], image=row["decoded_image"], question=row["query"], choices=None,
                 answer=row["answer"], precision=None)
     if row["question_type"] == "multi_choice":
-        item.update(type="mc", choices=list(row["choices"]),
-                    answer=LETTERS[list(row["choices"]).index(row["answer"])])
+        choices = [str(c) for c in row["choices"]]
+        item.update(type="mc", choices=choices, accept=[
+            LETTERS[i] for i, c in enumerate(choices) if c.strip() == str(row["answer"]).strip()])
     elif row["answer_type"] in ("integer", "float"):
-        item.update(type="number", precision=row["precision"] if row["answer_type"] == "float"
-                    else 0)
+        precision = row["precision"]  # a float (1.0, 2.0) or None
+        item.update(type="number", integer=row["answer_type"] == "integer",
+                    precision=None if precision is None else int(precision))
     else:
         item.update(type="text")
     return item
 
 
+def listed_options(text):
+    """{letter: text} of options written "A: 2" / "A. 2" / "(A) 2" after "Choices" in a question."""
+    text = re.split(r"choices\s*:?", text, maxsplit=1, flags=re.IGNORECASE)[-1]
+    found = re.findall(r"^\s*\(?([A-H])\)?\s*[:.)：]\s*(.+?)\s*$", text, flags=re.MULTILINE)
+    return dict(found)
+
+
+def answer_form(gold, options):
+    """MathVerse's multiple-choice answers come in four forms: (form, accepted letters, text)."""
+    gold = gold.strip()
+    if re.fullmatch(r"[A-H]", gold):
+        return "letter", [gold], None
+    if re.fullmatch(r"\(([A-H])\)", gold):
+        return "parenthesised letter", [gold[1]], None
+    if re.fullmatch(r"[A-H](?:[\s,;]+[A-H])+", gold):  # "C\nD": either letter is right
+        return "several letters", re.findall(r"[A-H]", gold), None
+    return "option text", [k for k, v in options.items() if normalise(v) == normalise(gold)], gold
+
+
 def mathverse_item(row):
-    """Ours: the multiple-choice subset of all five problem versions (free-form needs a judge)."""
+    """Ours: the multiple-choice subset of all five problem versions (free-form needs a judge).
+    The prompt is `query_cot` (Vision Only items have an empty `question`: their options are in
+    the image); an answer given as the option's text is matched as text."""
     if row["question_type"] != "multi-choice":
         return None
+    options = listed_options(row["question"] or row["query_cot"])
+    form, accept, text = answer_form(row["answer"], options)
     return dict(id=row["sample_index"], image=row["image"], question=row["query_cot"],
-                answer=row["answer"].strip().strip("()").upper()[:1], type="mc", choices=None,
-                group=row["problem_version"])
+                answer=row["answer"], type="mc", choices=list(options.values()) or None,
+                accept=accept, answer_text=text, answer_form=form, group=row["problem_version"])
 
 
 def mathvision_item(row):
-    """Options -> a letter; otherwise the last \\boxed{} is compared as a number or text."""
-    options = list(row["options"] or [])
-    question = row["question"]
-    if options:
+    """Options -> a letter; a letter answer without options is a letter too (its options are in
+    the image), as are options that are just "A".."E"; otherwise the last \\boxed{} is compared
+    as a number or as text."""
+    options, question = [str(o) for o in row["options"] or []], row["question"]
+    answer = str(row["answer"]).strip()
+    if options and not letters_only(options):
         return dict(id=row["id"], image=row["decoded_image"], type="mc", choices=options,
-                    question=with_choices(question, options, BOXED_HINT), answer=row["answer"])
-    kind = "number" if to_number(row["answer"]) is not None else "text"
-    return dict(id=row["id"], image=row["decoded_image"], type=kind, answer=row["answer"],
+                    question=with_choices(question, options, BOXED_HINT), answer=answer)
+    if options or re.fullmatch(r"[A-E]", answer):
+        letters = ", ".join(LETTERS[:len(options) or 5])
+        return dict(id=row["id"], image=row["decoded_image"], type="mc", choices=None,
+                    question=f"{question}\nChoices: {letters}\n{BOXED_HINT}", answer=answer)
+    kind = "number" if to_number(answer) is not None else "text"
+    return dict(id=row["id"], image=row["decoded_image"], type=kind, answer=answer,
                 question=f"{question}\n{BOXED_HINT}")
 
 
@@ -210,7 +337,9 @@ def pope_item(row):
 
 
 def mme_item(row):
-    """MME's questions already end in "Please answer yes or no."."""
+    """MME's questions already end in "Please answer yes or no." (no second hint); answers are
+    "Yes"/"No". An image's two questions are paired by subtask and file name (bare file names
+    repeat across the cognition subtasks)."""
     return dict(id=f"{row['question_id']}:{row['question']}", image=row["image"], type="yesno",
                 answer=row["answer"], question=row["question"], group=row["category"],
                 pair=f"{row['category']}/{row['question_id']}")
@@ -235,8 +364,14 @@ def load_hub(name, path, limit):
         rows = open_dataset(path, spec["split"], spec["config"])
     except Exception as e:
         raise InputError(f"benchmark {name!r} could not be loaded from {path!r} "
-                         f"({type(e).__name__}).") from e
-    items = [item for item in map(ITEMS[name], rows) if item is not None]
+                         f"({type(e).__name__}); download it and pass {name}=PATH (a "
+                         f"save_to_disk directory or a directory of its data files), or edit "
+                         f"its id in BENCHMARKS at the top of eval.py.") from e
+    try:
+        items = [item for item in map(ITEMS[name], rows) if item is not None]
+    except KeyError as e:
+        raise InputError(f"benchmark {name!r} at {path!r} has no column {e}; is it a copy of "
+                         f"{spec['path']}?") from e
     if limit and limit < len(items):  # ours: a seeded sample, so every category is represented
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))
         items = [items[i] for i in order[:limit].tolist()]
@@ -277,7 +412,8 @@ def load_local(path, limit):
             item["type"] = item.get("type") or infer_type(item)
             choices = item.get("choices")
             if item["type"] == "mc" and choices and item["answer"] in choices:
-                item["answer"] = LETTERS[choices.index(item["answer"])]
+                item["accept"] = [LETTERS[i] for i, c in enumerate(choices) if c == item["answer"]]
+                item["answer"] = item["accept"][0]
             if item["type"] == "mc" and choices:
                 item["question"] = with_choices(item["question"], choices)
             items.append(item)
@@ -313,7 +449,8 @@ def load_model(name, args):
     """A VLM (its own class) with its processor, or a text-only LLM with its tokenizer."""
     from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                               AutoTokenizer)
-    config = load_config(name, "--models")
+    check_checkpoint(name)
+    config = load_config(name)
     dtype, vision = getattr(torch, args.dtype), hasattr(config, "vision_config")
     if vision:
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
@@ -349,8 +486,9 @@ def generate(m, items, args, desc):
             chunk = group[start:start + args.batch_size]
             has_image = items[chunk[0]].get("image") is not None
             prompts = [chat(m, items[i]["question"], has_image, args.system) for i in chunk]
-            if m["vision"]:
-                images = [fit_pixels(items[i]["image"], args.max_pixels) for i in chunk
+            if m["vision"]:  # one processor call, one image list per sample: tiles, crops and
+                # image-token counts are the processor's business, whatever the model family
+                images = [[fit_pixels(items[i]["image"], args.max_pixels)] for i in chunk
                           ] if has_image else None
                 inputs = m["processor"](text=prompts, images=images,
                                         padding=True, padding_side="left", return_tensors="pt")
@@ -421,9 +559,16 @@ def score_benchmark(name, items, generations):
                             "hit_token_limit": hit_limit, "group": item.get("group")})
     metrics = {"n": len(items), "accuracy": mean(p["correct"] for p in predictions),
                "truncated_in_think": mean(p["truncated_in_think"] for p in predictions)}
+    forms = [item["answer_form"] for item in items if item.get("answer_form")]
+    if forms:  # MathVerse: how many answers came as a letter, "(C)", option text, two letters
+        metrics["answer_forms"] = {form: forms.count(form) for form in sorted(set(forms))}
     score = metrics["accuracy"]
-    if name == "pope":
+    if name == "pope":  # POPE's own scorer reports each category; the column is pooled accuracy
         metrics.update(pope_metrics(predictions))
+        metrics["per_category"] = {group: dict(
+            accuracy=mean(p["correct"] for p in predictions if p["group"] == group),
+            **pope_metrics([p for p in predictions if p["group"] == group]))
+            for group in sorted({p["group"] for p in predictions})}
     if name == "mme":
         metrics.update(mme_metrics(items, predictions))
         score = metrics["headline"]
@@ -472,7 +617,10 @@ def parse_args(argv=None):
                    help="images are shrunk to at most this many pixels")
     p.add_argument("--system", default="You are a helpful assistant.",
                    help="the system prompt, the same for every model")
-    p.add_argument("--out", default="results.json", help="raw predictions and scores (JSON)")
+    p.add_argument("--out", default="results.json", help="raw predictions and scores (JSON), "
+                   "rewritten after every model and benchmark")
+    p.add_argument("--resume", action="store_true", help="keep the (model, benchmark) results "
+                   "already in --out and run only the missing ones")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -481,47 +629,108 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
+# Settings that change a score: a resumed run must use the same ones.
+SCORED_WITH = ("limit", "max_new_tokens", "max_pixels", "system", "dtype")
+
+
+def check_args(args):
     for flag in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+    if args.max_pixels < 28 * 28:
+        raise InputError("--max-pixels must be at least 784 (one 28 x 28 patch).")
     for name in args.models:
-        check_model_name(name, "--models")
+        check_model_name(name)
+    if os.path.isdir(args.out):
+        raise InputError(f"--out {args.out!r} is a directory; give a file name.")
+
+
+def previous_report(args):
+    """The report --resume continues, or a fresh one."""
+    fresh = {"settings": vars(args), "kinds": {}, "averages": {}, "results": {}, "failed": {}}
+    if not args.resume or not os.path.exists(args.out):
+        return fresh
+    try:
+        with open(args.out) as f:
+            report = json.load(f)
+        settings = report["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--resume: {args.out!r} is not a results file of eval.py ({e}).") from e
+    differ = [k for k in SCORED_WITH if settings.get(k) != getattr(args, k)]
+    if differ:
+        raise InputError(f"--resume: {args.out!r} was scored with other settings "
+                         f"({', '.join('--' + k.replace('_', '-') for k in differ)}); use the "
+                         f"same ones or another --out.")
+    return dict(fresh, kinds=report.get("kinds", {}), results=report.get("results", {}))
+
+
+def write_report(report, path):
+    """Atomically: a crash while writing leaves the previous file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def run(args):
+    """Score every model on every benchmark; --out is rewritten after each (model, benchmark),
+    so a crash loses at most the pair in progress and --resume picks up from there."""
+    check_args(args)
     benchmarks = load_benchmarks(args.benchmarks, args.limit)
-    kinds = {name: items[0]["kind"] for name, items in benchmarks.items()}
-    all_results = {}
+    report = previous_report(args)
+    report["kinds"].update({name: items[0]["kind"] for name, items in benchmarks.items()})
     for name in args.models:
-        m = load_model(name, args)
-        results = {}
-        for bench, items in benchmarks.items():
+        results = report["results"].setdefault(name, {})
+        todo = [bench for bench in benchmarks if bench not in results]
+        if not todo:
+            continue
+        try:
+            m = load_model(name, args)
+        except Exception as e:  # one model that cannot be loaded does not stop the others
+            reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+            report["failed"][name] = reason.splitlines()[0] if reason else type(e).__name__
+            print(f"eval.py: {name}: could not be loaded, skipped: {report['failed'][name]}",
+                  file=sys.stderr)
+            del report["results"][name]
+            continue
+        for bench in todo:
+            items = benchmarks[bench]
             usable = items if m["vision"] else [it for it in items if it.get("image") is None]
             results[bench] = score_benchmark(bench, usable, generate(
                 m, usable, args, f"{os.path.basename(os.path.normpath(name))} / {bench}")
             ) if usable else None  # text-only models skip items with images
-        all_results[name] = results
+            report["averages"][name] = averages(
+                {b: r for b, r in results.items() if b in report["kinds"]}, report["kinds"])
+            write_report(report, args.out)
         del m
-    print(table(all_results, kinds))
-    for model, results in all_results.items():
+    shown = {name: {b: report["results"][name].get(b) for b in benchmarks}
+             for name in args.models if name in report["results"]}
+    write_report(report, args.out)
+    print(table(shown, {b: report["kinds"][b] for b in benchmarks}))
+    for model, results in shown.items():
         cut = {b: r["metrics"]["truncated_in_think"] for b, r in results.items()
                if r and r["metrics"]["truncated_in_think"] > 0}
         if cut:
             print(f"{model}: outputs cut inside <think> (%): " + ", ".join(
                 f"{b} {v:.1f}" for b, v in cut.items()) + "; consider a larger --max-new-tokens")
-    report = {"settings": vars(args), "kinds": kinds,
-              "averages": {m: averages(r, kinds) for m, r in all_results.items()},
-              "results": all_results}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, default=str)
     return report
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        report = run(args)
     except InputError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"eval.py: interrupted; finished results are in {args.out!r} (--resume continues).",
+              file=sys.stderr)
+        return 130
+    if report["failed"]:
+        print(f"eval.py: {len(report['failed'])} model(s) could not be scored: "
+              f"{', '.join(report['failed'])}.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -78,15 +78,111 @@ def test_score_answer_by_type():
     assert ev.score_answer("The answer is Paris.", {"type": "text", "answer": "paris"})[1]
 
 
-def test_mathvista_answers_are_option_text_mapped_to_letters():
-    row = {"pid": "1", "decoded_image": None, "query": "Hint: ...\nChoices:\n(A) 2\n(B) 5",
-           "question_type": "multi_choice", "answer_type": "text", "choices": ["2", "5"],
-           "answer": "5", "precision": None}
-    assert ev.mathvista_item(row)["answer"] == "B"
-    row.update(question_type="free_form", answer_type="float", precision=2, answer="1.25",
-               choices=None)
-    item = ev.mathvista_item(row)
-    assert item["type"] == "number" and item["precision"] == 2
+def mathvista_row(**fields):
+    row = {"pid": "1", "decoded_image": None, "query": "Hint: ...", "question_type": "free_form",
+           "answer_type": "integer", "choices": None, "answer": "5", "precision": None}
+    return dict(row, **fields)
+
+
+def scored(item, text):
+    return ev.score_answer(text, item)[1]
+
+
+def test_mathvista_compares_the_chosen_options_text_with_the_answer():
+    item = ev.mathvista_item(mathvista_row(question_type="multi_choice", answer_type="text",
+                                           choices=["2", "5"], answer="5"))
+    assert scored(item, "The answer is (B).") and not scored(item, "(A)")
+
+
+def test_mathvista_duplicate_options_are_both_right():
+    item = ev.mathvista_item(mathvista_row(question_type="multi_choice", answer_type="text",
+                                           choices=["12", "18", "24", "18"], answer="18"))
+    assert scored(item, "(B)") and scored(item, "(D)") and not scored(item, "(C)")
+
+
+def test_mathvista_options_that_are_letters_and_trailing_spaces():
+    letters = ev.mathvista_item(mathvista_row(question_type="multi_choice", answer_type="text",
+                                              choices=["A", "B", "C", "D"], answer="C"))
+    assert scored(letters, "Answer: C") and not scored(letters, "A cat is in the picture, so B")
+    spaced = ev.mathvista_item(mathvista_row(question_type="multi_choice", answer_type="text",
+                                             choices=["yes ", "no "], answer="no"))
+    assert scored(spaced, "(B)") and not scored(spaced, "(A)")
+
+
+def test_mathvista_precision_is_a_float_or_none_and_integers_are_truncated():
+    two = ev.mathvista_item(mathvista_row(answer_type="float", precision=2.0, answer="1.25"))
+    assert two["precision"] == 2 and scored(two, "about 1.2512") and not scored(two, "1.3")
+    none = ev.mathvista_item(mathvista_row(answer_type="float", precision=None, answer="0.5"))
+    assert none["precision"] is None and scored(none, "0.5")
+    integer = ev.mathvista_item(mathvista_row(answer_type="integer", answer="7"))
+    assert scored(integer, "7") and scored(integer, "7.4") and not scored(integer, "8")
+
+
+def mathverse_row(answer, question="Find x. Choices:\nA:False\nB:True\nC:2\nD:4",
+                  version="Text Lite"):
+    return {"sample_index": "1", "problem_index": "1", "problem_version": version,
+            "question": question, "image": None, "answer": answer,
+            "question_type": "multi-choice", "query_wo": "q",
+            "query_cot": "Please reason step by step, then give the letter.\nQuestion: " + question}
+
+
+@pytest.mark.parametrize("answer, right, wrong, form", [
+    ("B", ["The answer is B."], ["(A)"], "letter"),
+    ("(C)", ["\\boxed{C}"], ["(D)"], "parenthesised letter"),
+    ("False", ["(A)", "The answer is False."], ["(B)", "The answer is True."], "option text"),
+    ("C\nD", ["(C)", "(D)"], ["(A)"], "several letters"),
+])
+def test_mathverse_answer_forms(answer, right, wrong, form):
+    item = ev.mathverse_item(mathverse_row(answer))
+    assert item["answer_form"] == form
+    assert all(scored(item, text) for text in right)
+    assert not any(scored(item, text) for text in wrong)
+
+
+def test_mathverse_vision_only_prompts_from_query_cot_and_forms_are_counted():
+    item = ev.mathverse_item(mathverse_row("B", question="", version="Vision Only"))
+    assert item["question"].startswith("Please reason") and item["choices"] is None
+    items = [ev.mathverse_item(mathverse_row(a)) for a in ("B", "A", "(C)", "False", "C\nD")]
+    result = ev.score_benchmark("mathverse", items, [("", "(B)", False)] * 5)
+    assert result["metrics"]["answer_forms"] == {"letter": 2, "option text": 1,
+                                                 "parenthesised letter": 1, "several letters": 1}
+    assert [p["correct"] for p in result["predictions"]] == [True, False, False, False, False]
+
+
+def test_mathvision_letter_options_and_letter_answers_without_options():
+    row = {"id": "1", "question": "Which shape?", "decoded_image": None, "answer": "C",
+           "options": ["A", "B", "C", "D", "E"]}
+    item = ev.mathvision_item(row)
+    assert item["type"] == "mc" and "(A) A" not in item["question"]
+    assert scored(item, "It must be \\boxed{C}") and not scored(item, "A bit of thought: \\boxed{B}")
+    bare = ev.mathvision_item(dict(row, options=[]))
+    assert bare["type"] == "mc" and scored(bare, "\\boxed{C}") and not scored(bare, "\\boxed{3}")
+    number = ev.mathvision_item(dict(row, options=[], answer="4"))
+    assert number["type"] == "number" and scored(number, "\\boxed{4}")
+
+
+def test_mme_questions_keep_their_own_hint_and_images_pair_within_a_subtask():
+    rows = [{"question_id": "0001.png", "question": "Is the code correct? Please answer yes or no.",
+             "answer": "Yes", "category": task, "image": None}
+            for task in ("code_reasoning", "numerical_calculation")]
+    items = [ev.mme_item(row) for row in rows]
+    assert items[0]["question"].count("Please answer yes or no.") == 1
+    assert items[0]["pair"] != items[1]["pair"]  # the same bare file name in two subtasks
+    assert scored(items[0], "yes")
+
+
+def test_pope_reports_each_category_beside_the_pooled_figures():
+    rows = [("adversarial", "yes", "Yes."), ("adversarial", "no", "Yes."),
+            ("random", "no", "No."), ("random", "yes", "No.")]
+    items = [ev.pope_item({"question_id": str(i), "image": None, "question": "Is there a cat?",
+                           "answer": gold, "category": cat}) for i, (cat, gold, _) in enumerate(rows)]
+    result = ev.score_benchmark("pope", items, [("", said, False) for *_, said in rows])
+    per = result["metrics"]["per_category"]
+    assert per["adversarial"] == {"accuracy": 50.0, "precision": 50.0, "recall": 100.0,
+                                  "f1": pytest.approx(200 / 3), "yes_ratio": 100.0}
+    assert per["random"] == {"accuracy": 50.0, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                             "yes_ratio": 0.0}
+    assert result["score"] == result["metrics"]["accuracy"] == 50.0
 
 
 # ---- the command, end to end on the tiny trio ------------------------------------------------
@@ -245,3 +341,83 @@ def test_bad_benchmarks_are_refused(trio, tmp_path, args, words):
 def test_missing_model_is_refused(local_bench, tmp_path):
     done = run_eval("--models", str(tmp_path / "nowhere"), "--benchmarks", local_bench)
     assert done.returncode == 2 and "nowhere" in done.stderr
+
+
+def test_a_hub_load_failure_names_the_benchmark_and_the_local_copy_way(trio, tmp_path):
+    done = run_eval("--models", trio["vlm"], "--benchmarks", "pope", "--out",
+                    str(tmp_path / "r.json"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "'pope'" in done.stderr and "pope=PATH" in done.stderr
+
+
+def test_eval_py_copied_alone_scores_a_jsonl_benchmark(trio, local_bench, tmp_path):
+    """A scorer must not depend on how a model was made: eval.py imports nothing of this project."""
+    import shutil
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, "eval.py"), alone)
+    done = subprocess.run([sys.executable, "eval.py", "--models", trio["vlm"], "--benchmarks",
+                           local_bench, "--max-new-tokens", "3", "--out", "r.json"],
+                          cwd=alone, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=""))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((alone / "r.json").read_text())["results"][trio["vlm"]]["toy/perception"]
+
+
+def truncated_copy(trio, tmp_path):
+    import shutil
+    broken = tmp_path / "broken-vlm"
+    shutil.copytree(trio["vlm"], broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    return str(broken)
+
+
+def test_results_are_kept_after_each_model_and_a_broken_model_does_not_stop_the_rest(
+        trio, local_bench, tmp_path):
+    out = tmp_path / "r.json"
+    done = run_eval("--models", truncated_copy(trio, tmp_path), trio["vlm"], "--benchmarks",
+                    local_bench, "--max-new-tokens", "3", "--out", str(out))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "broken-vlm: could not be loaded" in done.stderr and "re-download" in done.stderr
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == [trio["vlm"]] and "broken-vlm" in next(iter(report["failed"]))
+
+
+def test_a_crash_keeps_the_finished_models_and_resume_runs_only_what_is_missing(
+        trio, local_bench, tmp_path, monkeypatch):
+    out = str(tmp_path / "r.json")
+    real_generate = ev.generate
+
+    def crash_on_the_lrm(m, items, args, desc):
+        if desc.startswith("lrm"):
+            raise RuntimeError("CUDA out of memory")
+        return real_generate(m, items, args, desc)
+
+    monkeypatch.setattr(ev, "generate", crash_on_the_lrm)
+    argv = ["--models", trio["vlm"], trio["lrm"], "--benchmarks", local_bench,
+            "--max-new-tokens", "3", "--out", out]
+    with pytest.raises(RuntimeError):
+        ev.run(ev.parse_args(argv))
+    kept = json.loads(open(out).read())
+    assert len(kept["results"][trio["vlm"]]) == 2  # written before the LRM started
+    assert kept["results"][trio["lrm"]] == {"toy/perception": None}  # text-only: nothing to see
+
+    calls = []
+    monkeypatch.setattr(ev, "generate", lambda m, items, args, desc: calls.append(desc) or
+                        real_generate(m, items, args, desc))
+    report = ev.run(ev.parse_args(argv + ["--resume"]))
+    assert calls == ["lrm / toy/reasoning"]  # the VLM's pairs were not scored again
+    assert report["results"][trio["vlm"]] == kept["results"][trio["vlm"]]
+    assert report["results"][trio["lrm"]]["toy/reasoning"]["metrics"]["n"] == 2
+    with pytest.raises(ev.InputError, match="other settings"):
+        ev.run(ev.parse_args(argv + ["--resume", "--max-new-tokens", "5"]))
+
+
+@pytest.mark.parametrize("flag, value", [("--max-pixels", "10"), ("--batch-size", "0"),
+                                         ("--limit", "-3")])
+def test_bad_numbers_are_refused_before_any_work(trio, local_bench, tmp_path, flag, value):
+    done = run_eval("--models", trio["vlm"], "--benchmarks", local_bench, flag, value,
+                    "--out", str(tmp_path / "r.json"))
+    assert done.returncode == 2 and flag in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r.json").exists()
