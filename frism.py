@@ -27,8 +27,10 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -119,6 +121,25 @@ def parse_args(argv=None):
 # 0. Check the inputs before anything heavy
 # ----------------------------------------------------------------------------------------------
 
+def check_numbers(args):
+    """Every numeric flag, before any work: a typo must not become a model of NaNs."""
+    for flag in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+    ranges = {"lam": (-math.inf, False), "alpha": (0.0, True), "lr": (0.0, False),
+              "device_memory": (0.0, False)}  # (lowest, whether it is allowed)
+    for flag, (low, inclusive) in ranges.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            rule = "a finite number" + ("" if low == -math.inf else
+                                        f" {'>=' if inclusive else '>'} {low:g}")
+            raise InputError(f"--{flag.replace('_', '-')} must be {rule}, not {value}.")
+    if getattr(args, "max_pixels", 784) < 28 * 28:
+        raise InputError("--max-pixels must be at least 784 (one 28 x 28 patch).")
+
+
 def check_model_name(name, flag):
     """A local directory, or something shaped like a hub id ("org/name"): else one clear error."""
     if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
@@ -157,15 +178,42 @@ def language_config(cfg):
 def config_value(cfg, field):
     if field == "head_dim":
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if field == "rope_theta":
-        return getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None)
-                                                    or {}).get("rope_theta")
+    if field == "rope_theta":  # Gemma 3 nests rope parameters per layer type
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        rope = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
+        return getattr(cfg, "rope_theta", None) or rope.get("rope_theta")
     return getattr(cfg, field, None)
+
+
+def check_plain_decoder(cfg, flag):
+    """FRISM merges a plain stack of decoder layers that the VLM and the text model share. A
+    mixture-of-experts decoder (its experts' weights are not seven projections a layer) or one
+    that interleaves cross-attention layers (Llama-3.2-Vision: layer N of the VLM is not layer N
+    of the text model) would be merged silently and wrongly: refuse them."""
+    experts = [getattr(cfg, k, None) for k in ("num_experts", "num_local_experts",
+                                               "n_routed_experts", "moe_num_experts")]
+    if any(isinstance(n, int) and n > 1 for n in experts):
+        raise InputError(f"{flag} has a mixture-of-experts decoder; FRISM here merges dense "
+                         f"decoders only.")
+    if getattr(cfg, "cross_attention_layers", None):
+        raise InputError(f"{flag} interleaves cross-attention layers in its decoder (as "
+                         f"Llama-3.2-Vision does), so its layers do not line up with a text "
+                         f"model's; it cannot be merged here.")
+
+
+def activation(cfg):
+    return getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
 
 
 def check_configs(vlm_cfg, others):
     """Ours: shapes must match exactly; rope_theta, vocab and max positions may differ."""
+    check_plain_decoder(vlm_cfg, "--vlm")
     for flag, cfg in others.items():
+        check_plain_decoder(cfg, flag)
+        if activation(cfg) != activation(vlm_cfg):
+            raise InputError(f"{flag} uses the activation {activation(cfg)!r} where the VLM's "
+                             f"language model uses {activation(vlm_cfg)!r}: not the same "
+                             f"architecture, so their weights cannot be merged.")
         for field in SHAPE_FIELDS:
             a, b = config_value(vlm_cfg, field), config_value(cfg, field)
             if a != b:
@@ -189,20 +237,62 @@ def expected_shapes(cfg):
             for m, s in per_layer.items()}
 
 
-def safetensors_index(path, flag):
-    """Map each merged layer's decoder path to (file, on-disk name, shape), reading headers only."""
+def check_files(path, flag):
+    """Every file a run reads parses: config.json, the shard index and each safetensors header
+    (a download cut off half way fails here, with the file named, before any work)."""
     from safetensors import safe_open
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag}: {file!r} is missing or does not parse ({e}); "
+                         f"re-download it.") from e
+    files = {f for f in os.listdir(path) if f.endswith(".safetensors")}
+    for index in (f for f in os.listdir(path) if f.endswith(".safetensors.index.json")):
+        try:
+            with open(os.path.join(path, index)) as f:
+                named = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{flag}: {os.path.join(path, index)!r} does not parse ({e}); "
+                             f"re-download it.") from e
+        for missing in sorted(named - files):
+            raise InputError(f"{flag}: {os.path.join(path, missing)!r} is named by {index} but "
+                             f"missing; re-download it.")
     if not files:
         raise InputError(f"{flag} {path!r} holds no .safetensors weights.")
+    for file in sorted(files):
+        try:
+            with safe_open(os.path.join(path, file), "pt") as f:
+                f.keys()
+        except Exception as e:
+            raise InputError(f"{flag}: {os.path.join(path, file)!r} is not a readable safetensors "
+                             f"file ({e}); it may be truncated: re-download it.") from e
+    return sorted(files)
+
+
+# A vision tower's layers can have the same inner names (Gemma 3, SmolVLM, LLaVA-OneVision:
+# "...vision_model.encoder.layers.3.self_attn.q_proj"): only the language model is ever read.
+VISION_PREFIX = re.compile(r"vision|visual|image|mm_projector|multi_modal")
+
+
+def safetensors_index(path, flag):
+    """Map each merged layer's decoder path to (file, on-disk name, shape), reading headers only
+    and only the language model's tensors; two tensors that claim one decoder path are refused."""
+    from safetensors import safe_open
     index = {}
-    for file in files:
+    for file in check_files(path, flag):
         with safe_open(os.path.join(path, file), "pt") as f:
             for key in f.keys():
                 m = DECODER_PATH.search(key)
-                if m:
-                    index[m.group(1)] = (os.path.join(path, file), key,
-                                         tuple(f.get_slice(key).get_shape()))
+                if not m or VISION_PREFIX.search(key[:m.start(1)]):
+                    continue
+                if m.group(1) in index:
+                    raise InputError(f"{flag}: two tensors claim the decoder weight {m.group(1)} "
+                                     f"({index[m.group(1)][1]} and {key}); which one is the "
+                                     f"language model's is ambiguous, so it is not merged.")
+                index[m.group(1)] = (os.path.join(path, file), key,
+                                     tuple(f.get_slice(key).get_shape()))
     return index
 
 
@@ -443,7 +533,7 @@ def teacher_answers(model, processor, gated, samples, args):
         for i in tqdm(range(0, len(samples), args.batch_size), desc="Teacher answers"):
             chunk = samples[i:i + args.batch_size]
             inputs = processor(text=[chat_prompt(processor, q) for _, q in chunk],
-                               images=[image for image, _ in chunk], padding=True,
+                               images=[[image] for image, _ in chunk], padding=True,
                                padding_side="left", return_tensors="pt").to(model.device)
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             for (image, question), ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
@@ -455,25 +545,30 @@ def teacher_answers(model, processor, gated, samples, args):
 
 
 def make_batch(processor, items, device):
-    """Prompt + cached answer per item, right-padded. mask[b, t] is True where the token at t+1
-    is an answer token: the logits at t predict it (ours, see README)."""
-    rows = [processor(text=[chat_prompt(processor, q)], images=[image], return_tensors="pt")
-            for image, q, *_ in items]
-    length = max(row["input_ids"].shape[1] + len(a) for row, (_, _, a, *_) in zip(rows, items))
-    per_token = [k for k, v in rows[0].items() if v.shape == rows[0]["input_ids"].shape]
-    batch = {k: [] for k in rows[0]}
+    """Prompt + cached answer per item, right-padded. One processor call over the whole batch,
+    one image list per sample, so tiles, crops and image-token counts are the processor's
+    business whatever the model family; each answer is then written after its prompt.
+    mask[b, t] is True where the token at t+1 is an answer token: the logits at t predict it."""
+    prompts = processor(text=[chat_prompt(processor, q) for _, q, *_ in items],
+                        images=[[image] for image, *_ in items], padding=True,
+                        padding_side="right", return_tensors="pt")
+    lengths = prompts["attention_mask"].sum(1).tolist()
+    answers = [item[2] for item in items]
+    length = max(n + len(a) for n, a in zip(lengths, answers))
+    per_token = [k for k, v in prompts.items() if v.shape == prompts["input_ids"].shape]
+    batch = dict(prompts)
+    for k in per_token:  # input_ids, attention_mask and any per-token type ids
+        v = prompts[k]
+        pad = processor.tokenizer.pad_token_id if k == "input_ids" else 0
+        batch[k] = torch.full((len(items), length), pad, dtype=v.dtype)
+        for b, (n, a) in enumerate(zip(lengths, answers)):
+            tail = {"input_ids": a, "attention_mask": [1] * len(a)}.get(k, [0] * len(a))
+            batch[k][b, :n] = v[b, :n]
+            batch[k][b, n:n + len(a)] = torch.tensor(tail, dtype=v.dtype)
     mask = torch.zeros(len(items), length, dtype=torch.bool)
-    for b, (row, (_, _, answer, *_)) in enumerate(zip(rows, items)):
-        n, a = row["input_ids"].shape[1], torch.tensor([answer])
-        tail = {"input_ids": a, "attention_mask": torch.ones_like(a)}
-        for k, v in row.items():
-            if k in per_token:
-                v = torch.cat([v, tail.get(k, torch.zeros_like(a))], 1)
-                pad = processor.tokenizer.pad_token_id if k == "input_ids" else 0
-                v = F.pad(v, (0, length - v.shape[1]), value=pad)
-            batch[k].append(v)
-        mask[b, n - 1:n - 1 + len(answer)] = True
-    return {k: torch.cat(v).to(device) for k, v in batch.items()}, mask.to(device)
+    for b, (n, a) in enumerate(zip(lengths, answers)):
+        mask[b, n - 1:n - 1 + len(a)] = True
+    return {k: v.to(device) for k, v in batch.items()}, mask.to(device)
 
 
 def answer_logits(model, batch, mask):
@@ -619,29 +714,49 @@ def gate_statistics(gated):
     return stats
 
 
-def save(model, processor, gates, report, args, dtype):
-    """Write everything into a hidden sibling directory, then rename it into place: an
-    interrupted run never leaves a complete-looking model behind."""
-    from safetensors.torch import save_file
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private
+def save(model, processor, out, dtype, extra, overwrite=False):
+    """Write the model, its processor and `extra` ({file name: writer(path)}) into a hidden
+    sibling directory, then rename it into place: an interrupted run (Ctrl-C, a full disk)
+    leaves neither a complete-looking model nor a hidden partial directory behind. A replaced
+    --out is moved aside first and deleted only once the new one is in place."""
+    out = os.path.abspath(out)
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = old = None
     try:
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private
         model.to(dtype).save_pretrained(tmp)  # the input checkpoint's dtype and tensor names
         processor.save_pretrained(tmp)
-        save_file({path: g.float().cpu().contiguous() for path, g in gates.items()},
-                  os.path.join(tmp, "frism_gates.safetensors"))
-        with open(os.path.join(tmp, "frism_report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        for file, write in extra.items():
+            write(os.path.join(tmp, file))
         if os.path.exists(out):  # empty, or --overwrite was given
-            shutil.rmtree(out)
+            old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+            os.replace(out, os.path.join(old, name))
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not os.path.exists(out):  # put the old output back
+                os.replace(os.path.join(old, name), out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(report):
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    return write
+
+
+def write_gates(gates):
+    from safetensors.torch import save_file
+    return lambda path: save_file({p: g.float().cpu().contiguous() for p, g in gates.items()},
+                                  path)
 
 
 def checkpoint_dtype(path, default):
@@ -686,26 +801,21 @@ def versions():
 # --dry-run: will it fit? A memory plan from the configs alone, before any download of weights
 # ----------------------------------------------------------------------------------------------
 
-def estimated_parameters(cfg):
-    """Parameters of a Qwen2/2.5-VL-style model from its config (within ~1 % of the cards)."""
-    t = language_config(cfg)
-    h, i, hd = t.hidden_size, t.intermediate_size, config_value(t, "head_dim")
-    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
-    layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h
-    tied = getattr(cfg, "tie_word_embeddings", getattr(t, "tie_word_embeddings", False))
-    total = t.num_hidden_layers * layer + t.vocab_size * h * (1 if tied else 2) + h
-    v = getattr(cfg, "vision_config", None)
-    if v is not None:
-        vh, vi, m = v.hidden_size, v.intermediate_size, v.spatial_merge_size ** 2
-        block = 4 * vh * vh + 4 * vh + 3 * vh * vi + 2 * vi + vh + 2 * vh
-        patch = getattr(v, "in_channels", 3) * v.temporal_patch_size * v.patch_size ** 2 * vh
-        merger = vh + (vh * m) ** 2 + vh * m + vh * m * v.out_hidden_size + v.out_hidden_size
-        total += v.depth * block + patch + merger
-    return total
+def counted_parameters(cfg):
+    """The VLM's exact parameter count for any architecture, from its config alone: the model is
+    built on the meta device (no memory, no weights) and counted."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = AutoModelForImageTextToText.from_config(cfg)
+        except ValueError:  # not an image-text-to-text class
+            model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
 
 
 def parameter_count(name, cfg):
-    """Exact from local safetensors headers or the hub's metadata; else estimated from the config."""
+    """From local safetensors headers or the hub's metadata; else counted from the config."""
     from safetensors import safe_open
     if os.path.isdir(name):
         files = [f for f in os.listdir(name) if f.endswith(".safetensors")]
@@ -715,12 +825,12 @@ def parameter_count(name, cfg):
                 with safe_open(os.path.join(name, file), "pt") as f:
                     count += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
             return count, "safetensors headers"
-        return estimated_parameters(cfg), "estimated from config.json"
+        return counted_parameters(cfg), "counted from config.json"
     try:
         from huggingface_hub import get_safetensors_metadata
         return sum(get_safetensors_metadata(name).parameter_count.values()), "hub metadata"
     except Exception:
-        return estimated_parameters(cfg), "estimated from config.json"
+        return counted_parameters(cfg), "counted from config.json"
 
 
 def memory_plan(cfg, parameters, args, device_gib):
@@ -798,15 +908,14 @@ def run(args):
         peaks[stage] = peak_memory()  # the peak so far: where it rises is where memory goes
         t = time.perf_counter()
 
-    for flag in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+    check_numbers(args)
     if args.dry_run:
         return {"plan": dry_run(args)}
     if not args.out:
         raise InputError("--out is required (where the merged model goes).")
     vlm, lrm, base = (local_dir(getattr(args, k), f"--{k}") for k in ("vlm", "lrm", "base"))
     check_out(args, [vlm, lrm, base])
+    check_files(vlm, "--vlm")
     vlm_cfg = language_config(load_config(vlm, "--vlm"))
     check_configs(vlm_cfg, {"--lrm": language_config(load_config(lrm, "--lrm")),
                             "--base": language_config(load_config(base, "--base"))})
@@ -855,22 +964,42 @@ def run(args):
               "calibration": {"questions": len(samples or []), "answers": len(answers),
                               "teacher_cached": caching},
               "loss_curve": history, "gates": stats}
-    save(model, processor, gates, report, args, checkpoint_dtype(vlm, model.dtype))
+    save(model, processor, args.out, checkpoint_dtype(vlm, model.dtype),
+         {"frism_gates.safetensors": write_gates(gates), "frism_report.json": write_json(report)},
+         args.overwrite)
     return report
+
+
+def interrupted_by_sigterm(signum, frame):
+    raise KeyboardInterrupt  # a killed job cleans up as Ctrl-C does
+
+
+def guarded(prog, args, work):
+    """(exit code, result of work(args)): bad input, an interrupt or a failed write ends in one
+    line on stderr, never a traceback, and (see save) never in a half-written output."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupted_by_sigterm)
+    try:
+        return 0, work(args)
+    except (InputError, FloatingPointError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return (2 if isinstance(e, InputError) else 1), None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written to {args.out!r}.", file=sys.stderr)
+        return 130, None
+    except OSError as e:  # a full disk, a read-only directory
+        print(f"{prog}: error: {e}; nothing was written to {args.out!r}.", file=sys.stderr)
+        return 1, None
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    try:
-        report = run(args)
-    except (InputError, FloatingPointError) as e:
-        print(f"frism.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, InputError) else 1
-    if not args.dry_run:
+    code, report = guarded("frism.py", args, run)
+    if code == 0 and not args.dry_run:
         print(f"Merged model written to {args.out} ({sum(report['seconds'].values()):.1f} s; "
               f"peak RSS {peak_memory()['peak_rss_gib']:.2f} GiB).")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -429,7 +429,7 @@ def test_a_crash_while_saving_leaves_no_model_behind(trio, tmp_path, monkeypatch
     model, processor = frism.load_vlm(trio["vlm"], args)
     monkeypatch.setattr(type(model), "save_pretrained", broken)
     with pytest.raises(OSError):
-        frism.save(model, processor, {}, {}, args, torch.float32)
+        frism.save(model, processor, args.out, torch.float32, {})
     assert os.listdir(tmp_path) == []
 
 
@@ -650,10 +650,17 @@ def plan_for(pair, *extra):
 
 
 @pytest.mark.parametrize("size, published_params", [("7b", 8.29e9), ("3b", 3.75e9)])
-def test_parameter_estimate_matches_the_model_cards(paper_pairs, size, published_params):
+def test_parameter_count_from_the_config_matches_the_model_cards(paper_pairs, size,
+                                                                  published_params):
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(paper_pairs[size]["vlm"])
-    assert frism.estimated_parameters(cfg) == pytest.approx(published_params, rel=0.01)
+    assert frism.counted_parameters(cfg) == pytest.approx(published_params, rel=0.01)
+
+
+def test_parameter_count_from_the_config_is_exact_for_a_real_checkpoint(trio):
+    cfg = frism.load_config(trio["vlm"], "--vlm")
+    exact, source = frism.parameter_count(trio["vlm"], cfg)
+    assert source == "safetensors headers" and frism.counted_parameters(cfg) == exact
 
 
 def test_dry_run_7b_pair_fits_one_80gb_gpu_at_full_rank(paper_pairs, capsys):
@@ -845,3 +852,172 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
         print(f"  one {name} forward+backward, {tokens} tokens: low-rank path {low_rank * 1e3:.0f} "
               f"ms, materialised Eq. 7 weight {dense * 1e3:.0f} ms")
     assert runs["default"]["peak"] > vlm_gib and step > 0 and bare_svd > 0
+
+
+# ---- files and numbers checked at the boundary; interrupts leave nothing behind --------------
+
+def broken_copy(trio, which, tmp_path, damage):
+    import shutil
+    path = tmp_path / f"broken-{which}"
+    shutil.copytree(trio[which], path)
+    damage(path)
+    return dict(trio, **{which: str(path)})
+
+
+def truncate_weights(path):
+    with open(path / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(path / "model.safetensors") // 2)
+
+
+def index_naming_a_missing_shard(path):
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("which", ["lrm", "vlm", "base"])
+def test_a_truncated_shard_is_refused_and_nothing_is_written(trio, tmp_path, which):
+    broken = broken_copy(trio, which, tmp_path, truncate_weights)
+    done = cli(broken, tmp_path / "out", "--no-train")
+    assert_refused(done, tmp_path / "out", "re-download")
+    assert f"broken-{which}" in done.stderr and "model.safetensors" in done.stderr
+
+
+def test_a_missing_shard_and_an_unparsable_config_are_refused(trio, tmp_path):
+    broken = broken_copy(trio, "lrm", tmp_path, index_naming_a_missing_shard)
+    assert_refused(cli(broken, tmp_path / "out", "--no-train"), tmp_path / "out",
+                   "model-00002-of-00002.safetensors")
+    broken = broken_copy(trio, "base", tmp_path, lambda p: (p / "config.json").write_text("{"))
+    assert_refused(cli(broken, tmp_path / "out", "--no-train"), tmp_path / "out", "config")
+
+
+@pytest.mark.parametrize("flag, value", [("--lam", "nan"), ("--lam", "inf"), ("--lr", "-1"),
+                                         ("--lr", "0"), ("--alpha", "inf"), ("--alpha", "-0.1"),
+                                         ("--max-pixels", "10"), ("--steps", "0")])
+def test_bad_numbers_are_refused_before_any_work(trio, tmp_path, flag, value):
+    done = cli(trio, tmp_path / "out", "--data", trio["data"], flag, value)
+    assert_refused(done, tmp_path / "out", flag)
+
+
+def interrupt(trio, tmp_path, stage, *extra, sig=None):
+    """Run frism.py in a subprocess that pauses inside `stage`, send it a real signal there."""
+    import signal
+    import time
+    mark = tmp_path / "reached"
+    code = "\n".join([
+        "import sys, time, frism, transformers",
+        f"def pause(): open({str(mark)!r}, 'w').close(); time.sleep(120)",
+        "if sys.argv[1] == 'svd':",
+        "    real_svd = frism.decompose",
+        "    frism.decompose = lambda *a: (pause(), real_svd(*a))[1]",
+        "if sys.argv[1] == 'train':",
+        "    real_inject = frism.inject_loss",
+        "    frism.inject_loss = lambda *a: (pause(), real_inject(*a))[1]",
+        "if sys.argv[1] == 'save':",
+        "    real_save = transformers.PreTrainedModel.save_pretrained",
+        "    def slow_save(self, *a, **k): real_save(self, *a, **k); pause()",
+        "    transformers.PreTrainedModel.save_pretrained = slow_save",
+        "sys.exit(frism.main(sys.argv[2:]))"])
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, stage, "--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base",
+         trio["base"], "--out", str(out), "--data", trio["data"], "--max-new-tokens", "4",
+         "--steps", "2", *extra], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    deadline = time.time() + 120
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert mark.exists(), proc.communicate()[1]
+    proc.send_signal(sig or signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr, out
+
+
+@pytest.mark.parametrize("stage", ["svd", "train", "save"])
+def test_an_interrupt_anywhere_leaves_no_output_and_no_partial_directory(trio, tmp_path, stage):
+    code, stderr, out = interrupt(trio, tmp_path, stage)
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("frism.py: interrupted")
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_a_killed_overwrite_keeps_the_previous_output(trio, tmp_path):
+    import signal
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous model")
+    code, stderr, _ = interrupt(trio, tmp_path, "save", "--overwrite", sig=signal.SIGTERM)
+    assert code == 130 and "Traceback" not in stderr
+    assert os.listdir(out) == ["keep.txt"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(trio, tmp_path):
+    code = "\n".join([
+        "import errno, os, sys, frism, transformers",
+        "def full(self, *a, **k): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))",
+        "transformers.PreTrainedModel.save_pretrained = full",
+        "sys.exit(frism.main(sys.argv[1:]))"])
+    done = subprocess.run([sys.executable, "-c", code, "--vlm", trio["vlm"], "--lrm", trio["lrm"],
+                           "--base", trio["base"], "--out", str(tmp_path / "out"), "--no-train"],
+                          cwd=HERE, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "No space left on device" in done.stderr.strip().splitlines()[-1]
+    assert os.listdir(tmp_path) == []
+
+
+# ---- other model families: what is matched, what is refused ----------------------------------
+
+def a_checkpoint(path, names):
+    from safetensors.torch import save_file
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    save_file({name: torch.zeros(2, 2) for name in names}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def test_only_the_language_models_tensors_are_matched(tmp_path):
+    """Gemma 3's multimodal base, SmolVLM, LLaVA-OneVision: the vision tower's layers have the
+    same inner names as the decoder's, and must never be taken for them."""
+    path = a_checkpoint(tmp_path / "gemma-like", [
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+        "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        "model.visual.blocks.0.attn.qkv.weight"])
+    index = frism.safetensors_index(path, "--base")
+    assert list(index) == ["layers.0.self_attn.q_proj"]
+    assert index["layers.0.self_attn.q_proj"][1].startswith("language_model.")
+
+
+def test_two_tensors_claiming_one_decoder_path_are_refused(tmp_path):
+    path = a_checkpoint(tmp_path / "ambiguous", ["model.layers.0.mlp.up_proj.weight",
+                                                 "text.model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(frism.InputError, match="two tensors claim .*layers.0.mlp.up_proj"):
+        frism.safetensors_index(path, "--lrm")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("num_local_experts", 8, "mixture-of-experts"), ("num_experts", 64, "mixture-of-experts"),
+    ("cross_attention_layers", [1], "cross-attention"), ("hidden_act", "gelu", "activation")])
+def test_decoders_that_do_not_line_up_are_refused(trio, field, value, words):
+    from transformers import AutoConfig
+    vlm = frism.language_config(frism.load_config(trio["vlm"], "--vlm"))
+    other = AutoConfig.from_pretrained(trio["lrm"])
+    setattr(other, field, value)
+    with pytest.raises(frism.InputError, match=words):
+        frism.check_configs(vlm, {"--lrm": other})
+
+
+def test_a_batch_of_images_of_different_sizes_is_one_processor_call(trio):
+    from PIL import Image
+    _, processor, _, args = merged_model(trio)
+    items = [(Image.new("RGB", (56, 56)), "What?", [100, 101]),
+             (Image.new("RGB", (140, 84)), "And this one?", [102, 103, 104])]
+    batch, mask = frism.make_batch(processor, items, "cpu")
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 6, 10]]
+    for b, answer in enumerate(([100, 101], [102, 103, 104])):
+        positions = mask[b].nonzero().flatten()
+        assert batch["input_ids"][b, positions + 1].tolist() == answer
+    image_tokens = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
+        "<|image_pad|>")).sum(1).tolist()
+    assert image_tokens == [4, 15]  # the processor's own count, per image
