@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny base / LRM / VLM trio of the real classes, built once per session."""
+"""Shared fixtures: one tiny base / LRM / VLM trio of the real classes (and an LRM that does not
+fit it), built once per session."""
 import os
 import sys
 
@@ -19,6 +20,17 @@ def pytest_configure(config):
 def trio(tmp_path_factory):
     """{"base", "lrm", "vlm", "data"}: save_pretrained directories and a calibration .jsonl."""
     return toy.build_tiny_trio(str(tmp_path_factory.mktemp("trio")))
+
+
+@pytest.fixture(scope="session")
+def wide_lrm(trio, tmp_path_factory):
+    """An LRM whose FFN is wider than the VLM's: it cannot be merged."""
+    from transformers import AutoConfig, Qwen2ForCausalLM
+    cfg = AutoConfig.from_pretrained(trio["lrm"])
+    cfg.intermediate_size += 8
+    path = str(tmp_path_factory.mktemp("wide") / "lrm")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

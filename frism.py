@@ -319,6 +319,20 @@ def check_out(args, inputs):
                          f"replace it.")
 
 
+def check_inputs(args):
+    """Everything about the three models, before any weight is read: (VLM directory, LRM index,
+    base index). baselines.py checks its inputs with this too."""
+    vlm, lrm, base = (local_dir(getattr(args, k), f"--{k}") for k in ("vlm", "lrm", "base"))
+    check_out(args, [vlm, lrm, base])
+    check_files(vlm, "--vlm")
+    vlm_cfg = language_config(load_config(vlm, "--vlm"))
+    check_configs(vlm_cfg, {"--lrm": language_config(load_config(lrm, "--lrm")),
+                            "--base": language_config(load_config(base, "--base"))})
+    lrm_index, base_index = safetensors_index(lrm, "--lrm"), safetensors_index(base, "--base")
+    check_weights(expected_shapes(vlm_cfg), {"--lrm": lrm_index, "--base": base_index})
+    return vlm, lrm_index, base_index
+
+
 # ----------------------------------------------------------------------------------------------
 # Label-free calibration data (perception questions and images, no answers)
 # ----------------------------------------------------------------------------------------------
@@ -414,12 +428,17 @@ def decoder_layers(model):
 # 2. Task vectors, streamed: tau = theta_lrm - theta_base, one tensor at a time, in fp32
 # ----------------------------------------------------------------------------------------------
 
-def task_vectors(lrm_index, base_index, names):
+def read_weight(index, name):
+    """One weight, read from its safetensors file alone (never a whole model), in fp32."""
     from safetensors import safe_open
+    file, key, _ = index[name]
+    with safe_open(file, "pt") as f:
+        return f.get_tensor(key).float()
+
+
+def task_vectors(lrm_index, base_index, names):
     for name in names:
-        (lrm_file, lrm_key, _), (base_file, base_key, _) = lrm_index[name], base_index[name]
-        with safe_open(lrm_file, "pt") as a, safe_open(base_file, "pt") as b:
-            yield name, a.get_tensor(lrm_key).float() - b.get_tensor(base_key).float()
+        yield name, read_weight(lrm_index, name) - read_weight(base_index, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -913,14 +932,7 @@ def run(args):
         return {"plan": dry_run(args)}
     if not args.out:
         raise InputError("--out is required (where the merged model goes).")
-    vlm, lrm, base = (local_dir(getattr(args, k), f"--{k}") for k in ("vlm", "lrm", "base"))
-    check_out(args, [vlm, lrm, base])
-    check_files(vlm, "--vlm")
-    vlm_cfg = language_config(load_config(vlm, "--vlm"))
-    check_configs(vlm_cfg, {"--lrm": language_config(load_config(lrm, "--lrm")),
-                            "--base": language_config(load_config(base, "--base"))})
-    lrm_index, base_index = safetensors_index(lrm, "--lrm"), safetensors_index(base, "--base")
-    check_weights(expected_shapes(vlm_cfg), {"--lrm": lrm_index, "--base": base_index})
+    vlm, lrm_index, base_index = check_inputs(args)
     samples = None if args.no_train else load_calibration(args)
     lap("check")
 

@@ -368,17 +368,6 @@ def assert_refused(done, out, words):
     assert not [p for p in os.listdir(os.path.dirname(out)) if ".partial-" in p]
 
 
-@pytest.fixture(scope="module")
-def wide_lrm(trio, tmp_path_factory):
-    """An LRM whose FFN is wider than the VLM's: it cannot be merged."""
-    from transformers import AutoConfig, Qwen2ForCausalLM
-    cfg = AutoConfig.from_pretrained(trio["lrm"])
-    cfg.intermediate_size += 8
-    path = str(tmp_path_factory.mktemp("wide") / "lrm")
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
 def test_mismatched_lrm_is_refused(trio, wide_lrm, tmp_path):
     done = cli(dict(trio, lrm=wide_lrm), tmp_path / "out", "--no-train")
     assert_refused(done, tmp_path / "out", "intermediate_size")
