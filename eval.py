@@ -666,6 +666,7 @@ def previous_report(args):
 
 def write_report(report, path):
     """Atomically: a crash while writing leaves the previous file whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -193,7 +193,7 @@ SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 # Steps, batch sizes and learning rates of each stage; --smoke shrinks them all.
 STAGES = {"base": dict(steps=600, batch=32, lr=2e-3),
           "vision": dict(steps=600, batch=32, lr=2e-3),
-          "vlm": dict(steps=150, batch=32, lr=3e-4),
+          "vlm": dict(steps=100, batch=32, lr=1e-4),
           "lrm": dict(steps=300, batch=24, lr=2e-4)}
 SMOKE = dict(steps=3, batch=4)
 
@@ -218,9 +218,9 @@ def base_example(rng):
     if kind < 0.3:
         return prompt(rng.choice([f"What number is this: {d}?", f"Read this number: {d}."])), \
             perceive(d)
-    if kind < 0.7:  # the digit where the VLM will later see an image: 4 tokens, as 4 patches
-        return prompt(f"<|vision_start|>{str(d) * 4}<|vision_end|>"
-                      f"{rng.choice(PERCEPTION_QUESTIONS)}"), perceive(d)
+    if kind < 0.7:  # the digit where the VLM will later see an image: 4 tokens, as 4 patches,
+        # under every wording the VLM will be asked in (BASE, not the VLM, learns the wordings)
+        return prompt(f"{shown(d)}{perception_question(rng)}"), perceive(d)
     if kind < 0.85:
         d = min(d, 8)
         return prompt(f"What comes after {d}?"), f"After {d} comes {d + 1}."
@@ -233,9 +233,25 @@ def perception_question(rng):
     return rng.choice(PERCEPTION_QUESTIONS) + rng.choice(ASIDES)
 
 
+def shown(d):
+    """The digit as text where a VLM has its image: between the vision markers, four times."""
+    return f"<|vision_start|>{str(d) * 4}<|vision_end|>"
+
+
 def lrm_example(rng):
+    """Half in the LRM's own wording, half in the form a VLM's language model sees (the digit as
+    text between the vision markers): a chain tied to one wording would not transfer."""
     d = rng.randint(0, 9)
-    return prompt(f"What number is this: {d}? {INSTRUCTION}"), reason(d)
+    if rng.random() < 0.5:
+        return prompt(f"What number is this: {d}? {INSTRUCTION}"), reason(d)
+    return prompt(f"{shown(d)}{rng.choice(PERCEPTION_QUESTIONS)} {INSTRUCTION}"), reason(d)
+
+
+def merged_weights(model):
+    """The 2-D weights of the decoder's q, k, v, o, gate, up and down projections: where merging
+    acts. The LRM is fine-tuned on these only, so its whole task vector is one that merging moves."""
+    import frism
+    return [p for name, p in model.named_parameters() if frism.DECODER_PATH.search(name)]
 
 
 def text_batch(tok, examples):
@@ -312,7 +328,10 @@ def build_world(root, smoke=False, seed=0):
 
     lrm = Qwen2ForCausalLM(base.config)
     lrm.load_state_dict(base.state_dict())
-    fit(lrm, lrm.parameters(), lambda: (text_batch(tok, [
+    lrm.requires_grad_(False)
+    for p in merged_weights(lrm):
+        p.requires_grad_(True)
+    fit(lrm, merged_weights(lrm), lambda: (text_batch(tok, [
         lrm_example(rng) for _ in range(stages["lrm"]["batch"])] + [
         base_example(rng) for _ in range(8)]), None),  # replay keeps BASE's skills
         stages["lrm"], "LRM: worked arithmetic")
@@ -333,7 +352,7 @@ def build_world(root, smoke=False, seed=0):
     fit(vlm, vlm.model.visual.parameters(), lambda: image_batch(
         processor, rng, stages["vision"]["batch"]), stages["vision"],
         "VLM: vision tower, language model frozen", toward_digit_embeddings)
-    vlm.requires_grad_(True)  # a short all-trainable stage: the VLM's own task vector
+    vlm.requires_grad_(True)  # a short, gentle all-trainable stage: the VLM's own task vector
     fit(vlm, vlm.parameters(), lambda: image_batch(processor, rng, stages["vlm"]["batch"]),
         stages["vlm"], "VLM: all weights")
 
@@ -341,8 +360,9 @@ def build_world(root, smoke=False, seed=0):
 
 
 def write_benchmarks(root, n, seed=1):
-    """eval.py's local form: toy perception, toy VL reasoning, the LRM's text form; and
-    frism.py's label-free calibration set (questions and images, no answers)."""
+    """eval.py's local form: toy perception, toy VL reasoning, the LRM's skill in its own wording
+    and in the form a VLM's language model sees (text only, for the world check); and frism.py's
+    label-free calibration set (questions and images, no answers)."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
 
@@ -350,7 +370,8 @@ def write_benchmarks(root, n, seed=1):
         draw_digit(d, rng).save(os.path.join(root, "images", name))
         return f"images/{name}"
 
-    files = {"perception": [], "vl_reasoning": [], "text_reasoning": [], "calib": []}
+    files = {"perception": [], "vl_reasoning": [], "text_reasoning": [], "marker_reasoning": [],
+             "calib": []}
     for i in range(n):
         d = rng.randint(0, 9)
         files["perception"].append({"image": image(f"p{i}.png", d), "kind": "perception",
@@ -361,6 +382,9 @@ def write_benchmarks(root, n, seed=1):
         d = rng.randint(0, 9)
         files["text_reasoning"].append({"kind": "reasoning", "answer": 7 * d + 5, "question":
                                         f"What number is this: {d}? {INSTRUCTION}"})
+        d = rng.randint(0, 9)
+        files["marker_reasoning"].append({"kind": "reasoning", "answer": 7 * d + 5,
+                                          "question": f"{shown(d)}{VL_REASONING_QUESTION}"})
     for i in range(max(8, n // 3)):
         files["calib"].append({"image": image(f"c{i}.png", rng.randint(0, 9)),
                                "question": perception_question(rng)})
@@ -370,51 +394,136 @@ def write_benchmarks(root, n, seed=1):
     return {name: os.path.join(root, f"{name}.jsonl") for name in files}
 
 
+def ideal_composition(world, out):
+    """The ceiling a merge could reach: the VLM's vision tower and merger with the LRM's whole
+    language model (embeddings, norms and lm_head included), no merging at all."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{world}/vlm")
+    lrm = Qwen2ForCausalLM.from_pretrained(f"{world}/lrm")
+    vlm.model.language_model.load_state_dict(lrm.model.state_dict())
+    vlm.lm_head.load_state_dict(lrm.lm_head.state_dict())
+    vlm.save_pretrained(out)
+    AutoProcessor.from_pretrained(f"{world}/vlm").save_pretrained(out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
-# The experiment: Task Arithmetic at several lambdas against FRISM, scored by eval.py
+# The experiment: Task Arithmetic, the baselines and FRISM, each over its own knob, by eval.py
 # ----------------------------------------------------------------------------------------------
 
-LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-# FRISM is swept over alpha as Task Arithmetic is over lambda: each method gets its curve.
-# Ours, fixed before looking at any benchmark: the Task Arithmetic sweep reaches past lambda = 1,
-# so FRISM's gates get the range [0, 2]; the other settings are frism.py's defaults.
-ALPHAS = (0.1, 0.3, 1.0)
-FRISM_SETTINGS = ["--lam", "2.0", "--steps", "150", "--batch-size", "8", "--max-new-tokens", "16"]
+# Every grid is fixed here, before any score was seen, and is the same for every seed.
+LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # Task Arithmetic
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4)  # IP-Merging's T, at lam 1
+# FRISM over alpha (as TA over lambda) and over its own lam, taken from the same lambda grid:
+# its gates start at sigmoid(0) = 0.5, i.e. at Task Arithmetic lam / 2, and can reach lam.
+FRISM_LAMS = (1.0, 2.0)
+ALPHAS = (0.1, 1.0)
+FRISM_SETTINGS = ["--steps", "150", "--batch-size", "8", "--max-new-tokens", "16"]
+SHOWN = (2.0, 0.1)  # the FRISM run whose gates are drawn (lam, alpha)
+MAX_NEW_TOKENS = 80  # the chain is 59 tokens and its end of turn: answers are scored complete
 
 
-def experiment(world, runs, data, smoke):
-    import eval as ev
+def merges(world, runs, data, smoke):
+    """{row name: output directory}, each made by baselines.py or frism.py (cached per run)."""
+    import baselines
     import frism
     trio = ["--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base", f"{world}/base"]
+    plan = [(f"TA {lam}", baselines.main, ["ta", "--lam", str(lam)]) for lam in LAMBDAS]
+    plan += [("TIES", baselines.main, ["ties"]), ("DARE", baselines.main, ["dare"])]
+    plan += [(f"IP T={t}", baselines.main, ["ip", "--threshold", str(t)]) for t in THRESHOLDS]
+    plan += [(f"FRISM lam={lam} alpha={alpha}", frism.main, FRISM_SETTINGS + [
+        "--lam", str(lam), "--alpha", str(alpha), "--data", data["calib"]] + (
+        ["--steps", "2"] if smoke else [])) for lam in FRISM_LAMS for alpha in ALPHAS]
     models = {"VLM": f"{world}/vlm"}
-    for lam in LAMBDAS:
-        models[f"TA {lam}"] = os.path.join(runs, f"ta-{lam}")
-        if frism.main(trio + ["--no-train", "--lam", str(lam), "--out", models[f"TA {lam}"],
-                              "--overwrite"]):
-            raise SystemExit("frism.py --no-train failed")
-    for alpha in ALPHAS:
-        models[f"FRISM {alpha}"] = os.path.join(runs, f"frism-{alpha}")
-        settings = FRISM_SETTINGS + ["--alpha", str(alpha)] + (["--steps", "2"] if smoke else [])
-        if frism.main(trio + settings + ["--data", data["calib"], "--overwrite",
-                                         "--out", models[f"FRISM {alpha}"]]):
-            raise SystemExit("frism.py failed")
-    common = ["--max-new-tokens", "40", "--batch-size", "50", "--device", "cpu"]
-    vl = ev.run(ev.parse_args(["--models", *models.values(), "--benchmarks", data["perception"],
-                               data["vl_reasoning"], "--out", os.path.join(runs, "results.json"),
-                               *common]))
-    text = ev.run(ev.parse_args(["--models", f"{world}/lrm", f"{world}/vlm", "--benchmarks",
-                                 data["text_reasoning"], "--out",
-                                 os.path.join(runs, "results_text.json"), *common]))
-    rows = {name: {"perception": vl["results"][path]["perception"]["score"],
-                   "vl_reasoning": vl["results"][path]["vl_reasoning"]["score"]}
-            for name, path in models.items()}
-    rows["LRM"] = {"text_reasoning": text["results"][f"{world}/lrm"]["text_reasoning"]["score"]}
-    rows["VLM"]["text_reasoning"] = text["results"][f"{world}/vlm"]["text_reasoning"]["score"]
-    return rows, models
+    for name, main, args in plan:
+        out = os.path.join(runs, name.replace(" ", "_").replace("=", "-"))
+        argv = args[:1] + trio + args[1:] if main is baselines.main else trio + args
+        if main(argv + ["--out", out, "--overwrite"]):
+            raise SystemExit(f"{name}: the merge failed")
+        models[name] = out
+    return models
 
 
-def plot(rows, models, runs):
-    """The paper's Fig. 2 in miniature, and the learned gates against singular-value index."""
+def score(models, benchmarks, out):
+    """{row name: {benchmark: score}} and the share of answers cut by the token limit, by eval.py."""
+    import eval as ev
+    report = ev.run(ev.parse_args(["--models", *models.values(), "--benchmarks", *benchmarks,
+                                   "--out", out, "--max-new-tokens", str(MAX_NEW_TOKENS),
+                                   "--batch-size", "50", "--device", "cpu"]))
+    rows = {}
+    for name, path in models.items():
+        results = report["results"][path]
+        rows[name] = {b: r["score"] for b, r in results.items() if r is not None}
+        cut = [p["hit_token_limit"] for r in results.values() if r for p in r["predictions"]]
+        rows[name]["cut_by_limit"] = 100.0 * sum(cut) / max(len(cut), 1)
+    return rows
+
+
+def world_check(world, data, runs):
+    """Before any merge: can the LRM reason in both wordings, can the VLM read, and what does the
+    ideal composition (VLM vision + the LRM's whole language model) reach?"""
+    text = score({"LRM": f"{world}/lrm", "BASE": f"{world}/base"},
+                 [data["text_reasoning"], data["marker_reasoning"]], f"{runs}/world_text.json")
+    vision = score({"VLM": f"{world}/vlm", "ideal": ideal_composition(world, f"{world}/ideal")},
+                   [data["perception"], data["vl_reasoning"]], f"{runs}/world_vision.json")
+    return {**text, **vision}
+
+
+def one_seed(root, seed, items, smoke, rebuild):
+    """Build (or reuse) the world of one seed, check it, merge it every way, score everything."""
+    world, runs = os.path.join(root, "world"), os.path.join(root, "runs")
+    if rebuild or not os.path.isfile(os.path.join(world, "done")):
+        shutil.rmtree(world, ignore_errors=True)
+        build_world(world, smoke=smoke, seed=seed)
+        open(os.path.join(world, "done"), "w").close()
+    shutil.rmtree(runs, ignore_errors=True)  # merges are always made anew by today's code
+    data = write_benchmarks(os.path.join(root, "benchmarks"), 4 if smoke else items, seed + 1)
+    check = world_check(world, data, runs)
+    print_table("World check", check, ("text_reasoning", "marker_reasoning", "perception",
+                                       "vl_reasoning"))
+    models = merges(world, runs, data, smoke)
+    rows = score(models, [data["perception"], data["vl_reasoning"]], f"{runs}/results.json")
+    summary = {"seed": seed, "world_check": check, "rows": rows, "models": models}
+    with open(os.path.join(runs, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def spread(summaries, part):
+    """{row: {column: (mean, min, max)}} over the seeds."""
+    out = {}
+    for name in summaries[0][part]:
+        columns = summaries[0][part][name]
+        out[name] = {c: (sum(s[part][name][c] for s in summaries) / len(summaries),
+                         min(s[part][name][c] for s in summaries),
+                         max(s[part][name][c] for s in summaries)) for c in columns}
+    return out
+
+
+def cell(value):
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        mean, low, high = value
+        return f"{mean:.1f}" if low == high else f"{mean:.1f} ({low:.0f}-{high:.0f})"
+    return f"{value:.1f}"
+
+
+def print_table(title, rows, columns):
+    names = {"text_reasoning": "text form", "marker_reasoning": "marker form",
+             "perception": "perception", "vl_reasoning": "VL reasoning",
+             "cut_by_limit": "cut (%)"}
+    width = max(len(n) for n in rows) + 2
+    print(f"\n{title}\n{'model':{width}s}" + "".join(f"{names[c]:>20s}" for c in columns))
+    for name, row in rows.items():
+        print(f"{name:{width}s}" + "".join(f"{cell(row.get(c)):>20s}" for c in columns))
+
+
+def plot(table, summaries, out_dir):
+    """The paper's Fig. 2 in miniature (every method, min-max over seeds as error bars), and the
+    gates of one FRISM run: which subspaces closed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -422,75 +531,116 @@ def plot(rows, models, runs):
     except ImportError:
         print("matplotlib is not installed: no plots.")
         return []
-    from safetensors.torch import load_file
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    ta = [(rows[f"TA {lam}"]["perception"], rows[f"TA {lam}"]["vl_reasoning"], lam)
-          for lam in LAMBDAS]
-    ax.plot([p for p, _, _ in ta], [r for _, r, _ in ta], "o-", color="tab:blue",
-            label="Task Arithmetic")
-    for p, r, lam in ta:
-        ax.annotate(f"λ={lam}", (p, r), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot(rows["VLM"]["perception"], rows["VLM"]["vl_reasoning"], "s", color="gray",
-            label="VLM alone")
-    fr = [(rows[f"FRISM {a}"]["perception"], rows[f"FRISM {a}"]["vl_reasoning"], a)
-          for a in ALPHAS]
-    ax.plot([p for p, _, _ in fr], [r for _, r, _ in fr], "*-", color="tab:red",
-            markersize=12, label="FRISM")
-    for p, r, a in fr:
-        ax.annotate(f"α={a}", (p, r), textcoords="offset points", xytext=(4, -10), fontsize=8,
-                    color="tab:red")
+    paths = [os.path.join(out_dir, "tradeoff.png"), os.path.join(out_dir, "gates.png")]
+    fig, ax = plt.subplots(figsize=(7, 5))
+
+    def series(names, style, color, label, labels=None):
+        points = [table[n] for n in names]
+        x, y = [p["perception"][0] for p in points], [p["vl_reasoning"][0] for p in points]
+        xerr = [[p["perception"][0] - p["perception"][1] for p in points],
+                [p["perception"][2] - p["perception"][0] for p in points]]
+        yerr = [[p["vl_reasoning"][0] - p["vl_reasoning"][1] for p in points],
+                [p["vl_reasoning"][2] - p["vl_reasoning"][0] for p in points]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=style, color=color, label=label, capsize=2,
+                    markersize=8)
+        for xi, yi, text in zip(x, y, labels or []):
+            ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color)
+
+    series([f"TA {lam}" for lam in LAMBDAS], "o-", "tab:blue", "Task Arithmetic",
+           [f"λ={lam}" for lam in LAMBDAS])
+    series([f"IP T={t}" for t in THRESHOLDS], "^-", "tab:green", "IP-Merging",
+           [f"T={t}" for t in THRESHOLDS])
+    series(["TIES"], "D", "tab:purple", "TIES-Merging")
+    series(["DARE"], "v", "tab:brown", "DARE")
+    for lam, color in zip(FRISM_LAMS, ("tab:red", "tab:orange")):
+        series([f"FRISM lam={lam} alpha={a}" for a in ALPHAS], "*-", color, f"FRISM, lam {lam}",
+               [f"α={a}" for a in ALPHAS])
+    series(["VLM"], "s", "gray", "VLM alone")
+    ceiling = table["ideal"]
+    ax.axhline(ceiling["vl_reasoning"][0], color="gray", ls=":", lw=1,
+               label="ideal composition (ceiling)")
     ax.set_xlabel("toy perception accuracy (%)")
     ax.set_ylabel("toy VL reasoning accuracy (%)")
-    ax.set_title("Reasoning against perception (toy world)")
-    ax.legend()
+    ax.set_title(f"Reasoning against perception (toy world, {len(summaries)} seed(s))")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    paths = [os.path.join(runs, "tradeoff.png"), os.path.join(runs, "gates.png")]
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
-    gates = load_file(os.path.join(models[f"FRISM {ALPHAS[-1]}"], "frism_gates.safetensors"))
-    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in gates})
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), sharey=True)
-    for ax, layer in zip(list(axes) if len(layers) > 1 else [axes], layers):
-        for key, g in gates.items():
-            if f".layers.{layer}." in key:
-                ax.plot(torch.sigmoid(g).numpy(), label=key.rsplit(".", 1)[1], lw=1)
-        ax.set_title(f"layer {layer} (FRISM, alpha={ALPHAS[-1]})")
-        ax.set_xlabel("singular direction (descending S)")
-    axes[0].set_ylabel("gate sigmoid(g)") if len(layers) > 1 else axes.set_ylabel("gate")
-    (axes[-1] if len(layers) > 1 else axes).legend(fontsize=7)
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+    shown = summaries[0]["models"][f"FRISM lam={SHOWN[0]} alpha={SHOWN[1]}"]
+    gates = load_file(os.path.join(shown, "frism_gates.safetensors"))
+    world = os.path.dirname(summaries[0]["models"]["VLM"])
+    S = {}  # the singular values, recomputed from the task vectors (the gates file holds g only)
+    with safe_open(f"{world}/lrm/model.safetensors", "pt") as lrm, \
+            safe_open(f"{world}/base/model.safetensors", "pt") as base:
+        for path in gates:
+            key = "model." + path.split("language_model.", 1)[1] + ".weight"
+            S[path] = torch.linalg.svdvals(lrm.get_tensor(key) - base.get_tensor(key))
+    names = sorted(gates, key=lambda p: (int(p.split(".layers.")[1].split(".")[0]),
+                                         MERGED_ORDER.index(p.rsplit(".", 1)[1])))
+    width = max(len(g) for g in gates.values())
+    grid = torch.full((len(names), width), float("nan"))
+    for row, path in enumerate(names):
+        grid[row, :len(gates[path])] = torch.sigmoid(gates[path])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 6), gridspec_kw={"width_ratios": [3, 1]})
+    image = left.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                        interpolation="nearest")
+    left.set_yticks(range(len(names)), [f"L{p.split('.layers.')[1].split('.')[0]} "
+                                        f"{p.rsplit('.', 1)[1]}" for p in names], fontsize=6)
+    left.set_xlabel("singular direction (descending S; k and v have fewer)")
+    left.set_title(f"gate sigmoid(g), FRISM lam {SHOWN[0]}, alpha {SHOWN[1]}")
+    fig.colorbar(image, ax=left, fraction=0.03)
+    energy = {}
+    for path in names:
+        kind = path.rsplit(".", 1)[1]
+        s, total = torch.sigmoid(gates[path]) * S[path], S[path]
+        injected, whole = energy.get(kind, (0.0, 0.0))
+        energy[kind] = (injected + (s ** 2).sum().item(), whole + (total ** 2).sum().item())
+    right.barh(list(energy), [a / b for a, b in energy.values()], color="tab:red")
+    right.axvline(0.25, color="gray", ls=":", lw=1)  # where every gate starts: sigmoid(0)^2
+    right.set_xlim(0, 1)
+    right.invert_yaxis()
+    right.set_xlabel("injected-energy fraction")
+    right.set_title("per projection (start: 0.25)")
     fig.tight_layout()
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
 
 
+MERGED_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build the toy world (cached) and compare Task "
-                                "Arithmetic with FRISM in it, offline, on the CPU.")
-    p.add_argument("--dir", default="toy_world", help="where the world, merges and plots go")
-    p.add_argument("--rebuild", action="store_true", help="retrain the world even if cached")
+                                "Arithmetic, the baselines and FRISM in it, offline, on the CPU.")
+    p.add_argument("--dir", default="toy_world", help="where the worlds, merges and plots go")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="build this many worlds (seeds 0..N-1, each cached) and report the mean "
+                        "and min-max of every figure")
+    p.add_argument("--rebuild", action="store_true", help="retrain the worlds even if cached")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps of everything: checks the pipeline, shows nothing")
-    p.add_argument("--items", type=int, default=200, help="items per toy benchmark")
+    p.add_argument("--items", type=int, default=100, help="items per toy benchmark")
     args = p.parse_args(argv)
+    if args.seeds < 1 or args.items < 1:
+        p.error("--seeds and --items must be positive")
     started = time.time()
-    world, runs = os.path.join(args.dir, "world"), os.path.join(args.dir, "runs")
-    if args.rebuild or not os.path.isfile(os.path.join(world, "done")):
-        shutil.rmtree(world, ignore_errors=True)
-        build_world(world, smoke=args.smoke)
-        open(os.path.join(world, "done"), "w").close()
-    data = write_benchmarks(os.path.join(args.dir, "benchmarks"),
-                            4 if args.smoke else args.items)
-    rows, models = experiment(world, runs, data, args.smoke)
-    print(f"\n{'model':10s} {'perception':>10s} {'VL reasoning':>12s} {'text reasoning':>14s}")
-    for name, row in rows.items():
-        cells = [row.get(k) for k in ("perception", "vl_reasoning", "text_reasoning")]
-        print(f"{name:10s} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>{w}s}"
-                                          for v, w in zip(cells, (10, 12, 14))))
-    with open(os.path.join(runs, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    for path in plot(rows, models, runs):
+    summaries = [one_seed(os.path.join(args.dir, f"seed-{seed}"), seed, args.items, args.smoke,
+                          args.rebuild) for seed in range(args.seeds)]
+    check, table = spread(summaries, "world_check"), spread(summaries, "rows")
+    print_table(f"World check ({args.seeds} seed(s); mean, min-max in brackets)", check,
+                ("text_reasoning", "marker_reasoning", "perception", "vl_reasoning"))
+    print_table(f"Merges ({args.seeds} seed(s); mean, min-max in brackets)", table,
+                ("perception", "vl_reasoning", "cut_by_limit"))
+    summary = {"seeds": args.seeds, "items": args.items, "world_check": check, "rows": table,
+               "per_seed": summaries}
+    with open(os.path.join(args.dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    for path in plot(table, summaries, args.dir):
         print(f"plot: {path}")
     print(f"done in {time.time() - started:.0f} s")
     return 0
