@@ -446,11 +446,12 @@ def merges(world, runs, data, smoke):
     return models
 
 
-def score(models, benchmarks, out):
+def score(models, benchmarks, out, smoke=False):
     """{row name: {benchmark: score}} and the share of answers cut by the token limit, by eval.py."""
     import eval as ev
+    limit = 4 if smoke else MAX_NEW_TOKENS
     report = ev.run(ev.parse_args(["--models", *models.values(), "--benchmarks", *benchmarks,
-                                   "--out", out, "--max-new-tokens", str(MAX_NEW_TOKENS),
+                                   "--out", out, "--max-new-tokens", str(limit),
                                    "--batch-size", "50", "--device", "cpu"]))
     rows = {}
     for name, path in models.items():
@@ -461,13 +462,13 @@ def score(models, benchmarks, out):
     return rows
 
 
-def world_check(world, data, runs):
+def world_check(world, data, runs, smoke=False):
     """Before any merge: can the LRM reason in both wordings, can the VLM read, and what does the
     ideal composition (VLM vision + the LRM's whole language model) reach?"""
     text = score({"LRM": f"{world}/lrm", "BASE": f"{world}/base"},
-                 [data["text_reasoning"], data["marker_reasoning"]], f"{runs}/world_text.json")
+                 [data["text_reasoning"], data["marker_reasoning"]], f"{runs}/world_text.json", smoke)
     vision = score({"VLM": f"{world}/vlm", "ideal": ideal_composition(world, f"{world}/ideal")},
-                   [data["perception"], data["vl_reasoning"]], f"{runs}/world_vision.json")
+                   [data["perception"], data["vl_reasoning"]], f"{runs}/world_vision.json", smoke)
     return {**text, **vision}
 
 
@@ -480,11 +481,11 @@ def one_seed(root, seed, items, smoke, rebuild):
         open(os.path.join(world, "done"), "w").close()
     shutil.rmtree(runs, ignore_errors=True)  # merges are always made anew by today's code
     data = write_benchmarks(os.path.join(root, "benchmarks"), 4 if smoke else items, seed + 1)
-    check = world_check(world, data, runs)
+    check = world_check(world, data, runs, smoke)
     print_table("World check", check, ("text_reasoning", "marker_reasoning", "perception",
                                        "vl_reasoning"))
     models = merges(world, runs, data, smoke)
-    rows = score(models, [data["perception"], data["vl_reasoning"]], f"{runs}/results.json")
+    rows = score(models, [data["perception"], data["vl_reasoning"]], f"{runs}/results.json", smoke)
     summary = {"seed": seed, "world_check": check, "rows": rows, "models": models}
     with open(os.path.join(runs, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -521,7 +522,7 @@ def print_table(title, rows, columns):
         print(f"{name:{width}s}" + "".join(f"{cell(row.get(c)):>20s}" for c in columns))
 
 
-def plot(table, summaries, out_dir):
+def plot(table, check, summaries, out_dir):
     """The paper's Fig. 2 in miniature (every method, min-max over seeds as error bars), and the
     gates of one FRISM run: which subspaces closed."""
     try:
@@ -557,7 +558,7 @@ def plot(table, summaries, out_dir):
         series([f"FRISM lam={lam} alpha={a}" for a in ALPHAS], "*-", color, f"FRISM, lam {lam}",
                [f"α={a}" for a in ALPHAS])
     series(["VLM"], "s", "gray", "VLM alone")
-    ceiling = table["ideal"]
+    ceiling = check["ideal"]
     ax.axhline(ceiling["vl_reasoning"][0], color="gray", ls=":", lw=1,
                label="ideal composition (ceiling)")
     ax.set_xlabel("toy perception accuracy (%)")
@@ -640,7 +641,7 @@ def main(argv=None):
                "per_seed": summaries}
     with open(os.path.join(args.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    for path in plot(table, summaries, args.dir):
+    for path in plot(table, check, summaries, args.dir):
         print(f"plot: {path}")
     print(f"done in {time.time() - started:.0f} s")
     return 0
