@@ -495,18 +495,28 @@ def test_soft_config_differences_only_warn(trio):
 # ---- the paper in miniature (toy.py), smoke-sized --------------------------------------------
 
 def test_toy_world_runs_end_to_end(tmp_path):
-    """A few steps of every stage: the world trains, merges, is scored and plotted."""
+    """A few steps of every stage: the world trains, is checked, merged every way, scored, plotted."""
     import toy
     assert toy.main(["--dir", str(tmp_path), "--smoke"]) == 0
-    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
-    assert set(summary) == ({"VLM", "LRM"} | {f"TA {lam}" for lam in toy.LAMBDAS}
-                            | {f"FRISM {alpha}" for alpha in toy.ALPHAS})
-    assert all(0 <= v <= 100 for row in summary.values() for v in row.values())
-    report = json.loads((tmp_path / "runs" / "frism-1.0" / "frism_report.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["world_check"]) == {"LRM", "BASE", "VLM", "ideal"}
+    assert {"text_reasoning", "marker_reasoning"} <= summary["world_check"]["LRM"].keys()
+    assert {"perception", "vl_reasoning"} <= summary["world_check"]["ideal"].keys()
+    assert set(summary["rows"]) == ({"VLM", "TIES", "DARE"} | {f"TA {lam}" for lam in toy.LAMBDAS}
+                                    | {f"IP T={t}" for t in toy.THRESHOLDS}
+                                    | {f"FRISM lam={lam} alpha={a}" for lam in toy.FRISM_LAMS
+                                       for a in toy.ALPHAS})
+    assert all(0 <= low <= mean <= high <= 100 for row in summary["rows"].values()
+               for mean, low, high in row.values())
+    runs = tmp_path / "seed-0" / "runs"
+    report = json.loads((runs / "FRISM_lam-2.0_alpha-1.0" / "frism_report.json").read_text())
     assert report["args"]["lam"] == 2.0 and report["calibration"]["questions"] == 8
+    assert json.loads((runs / "TIES" / "baselines_report.json").read_text())["method"] == "ties"
     for plot in ("tradeoff.png", "gates.png"):
-        assert (tmp_path / "runs" / plot).stat().st_size > 1000
-    assert toy.main(["--dir", str(tmp_path), "--smoke"]) == 0  # the cached world is reused
+        assert (tmp_path / plot).stat().st_size > 1000
+    assert toy.main(["--dir", str(tmp_path), "--smoke", "--seeds", "2"]) == 0  # seed 0 reused
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == 2 and len(summary["per_seed"]) == 2
 
 
 def test_toy_tokenizer_gives_every_digit_one_token():
