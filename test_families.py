@@ -309,6 +309,20 @@ def test_the_output_loads_and_eval_py_generates_with_it(family, trained, tmp_pat
     assert len(predictions) == len(SIZES)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare", "ip"])
+def test_the_baselines_merge_every_family_where_frism_does(family, method, tmp_path):
+    """TIES reads the VLM's own task vector, IP-Merging its SVD: both through the same matching
+    of decoder paths, so only the language model's merged weights may move."""
+    import baselines
+    extra = ["--threshold", "0"] if method == "ip" else []
+    assert baselines.main([method, *trio_args(family, tmp_path / method), *extra]) == 0
+    vlm, merged = tensors(family["vlm"]), tensors(tmp_path / method)
+    assert merged.keys() == vlm.keys()
+    changed = {k for k in vlm if not torch.equal(vlm[k], merged[k])}
+    assert len(changed) == 7 * 2
+    assert all(k.startswith(FAMILIES[family["family"]][3]) for k in changed)
+
+
 def test_dry_run_counts_any_family_exactly_from_its_config(family):
     cfg = frism.load_config(family["vlm"], "--vlm")
     on_disk = sum(t.numel() for t in tensors(family["vlm"]).values())
