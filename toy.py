@@ -190,10 +190,13 @@ ASIDES = ("", "", " Be brief.", " Look carefully.", " Please answer.", " Thanks!
 INSTRUCTION = "Multiply it by seven and add five."
 VL_REASONING_QUESTION = f"What number is shown? {INSTRUCTION}"
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-# Steps, batch sizes and learning rates of each stage; --smoke shrinks them all.
+# Steps, batch sizes and learning rates of each stage; --smoke shrinks them all. The VLM's last
+# stage is gentle (lr 1e-5): measured on seed 0, Task Arithmetic at lambda 1 answered 13 % of VL
+# reasoning after that stage at lr 1e-4, 26 % at 3e-5 and 50 % at 1e-5 (the ideal composition:
+# 53 %). A large VLM task vector of its own is what blocks composition in this world.
 STAGES = {"base": dict(steps=600, batch=32, lr=2e-3),
           "vision": dict(steps=600, batch=32, lr=2e-3),
-          "vlm": dict(steps=100, batch=32, lr=1e-4),
+          "vlm": dict(steps=100, batch=32, lr=1e-5),
           "lrm": dict(steps=300, batch=24, lr=2e-4)}
 SMOKE = dict(steps=3, batch=4)
 
