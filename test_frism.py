@@ -903,7 +903,9 @@ def interrupt(trio, tmp_path, stage, *extra, sig=None):
     import time
     mark = tmp_path / "reached"
     code = "\n".join([
-        "import sys, time, frism, transformers",
+        "import signal, sys, time, frism, transformers",
+        # as in a terminal, even where the tests run as a background job (which ignores SIGINT)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)",
         f"def pause(): open({str(mark)!r}, 'w').close(); time.sleep(120)",
         "if sys.argv[1] == 'svd':",
         "    real_svd = frism.decompose",
@@ -927,7 +929,11 @@ def interrupt(trio, tmp_path, stage, *extra, sig=None):
         time.sleep(0.1)
     assert mark.exists(), proc.communicate()[1]
     proc.send_signal(sig or signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     return proc.returncode, stderr, out
 
 
