@@ -8,11 +8,12 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import eval as ev
 import frism
 import toy
+from test_frism import tensors
 
 CHAT = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -211,14 +212,6 @@ def build(family, root, multimodal_base=False, seed=0):
                                 "kind": "perception", "answer": i}) + "\n")
     return {k: os.path.join(root, k) for k in ("base", "lrm", "vlm")} | {
         "data": os.path.join(root, "data", "calib.jsonl"), "family": family}
-
-
-def tensors(path):
-    out = {}
-    for file in sorted(f for f in os.listdir(path) if f.startswith("model") and f.endswith(
-            ".safetensors")):  # the model's weights, not frism_gates.safetensors
-        out.update(load_file(os.path.join(path, file)))
-    return out
 
 
 def trio_args(t, out, *extra):

@@ -429,7 +429,7 @@ MAX_NEW_TOKENS = 80  # the chain is 59 tokens and its end of turn: answers are s
 
 
 def merges(world, runs, data, smoke):
-    """{row name: output directory}, each made by baselines.py or frism.py (cached per run)."""
+    """{row name: output directory}, each made anew by baselines.py or frism.py."""
     import baselines
     import frism
     trio = ["--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base", f"{world}/base"]
@@ -572,17 +572,16 @@ def plot(table, check, summaries, out_dir):
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
+    import frism
     from safetensors.torch import load_file
-    from safetensors import safe_open
     shown = summaries[0]["models"][f"FRISM lam={SHOWN[0]} alpha={SHOWN[1]}"]
     gates = load_file(os.path.join(shown, "frism_gates.safetensors"))
     world = os.path.dirname(summaries[0]["models"]["VLM"])
-    S = {}  # the singular values, recomputed from the task vectors (the gates file holds g only)
-    with safe_open(f"{world}/lrm/model.safetensors", "pt") as lrm, \
-            safe_open(f"{world}/base/model.safetensors", "pt") as base:
-        for path in gates:
-            key = "model." + path.split("language_model.", 1)[1] + ".weight"
-            S[path] = torch.linalg.svdvals(lrm.get_tensor(key) - base.get_tensor(key))
+    # the singular values, recomputed from the task vectors (the gates file holds g only)
+    decoder_path = {frism.DECODER_PATH.search(path + ".weight").group(1): path for path in gates}
+    S = {decoder_path[name]: torch.linalg.svdvals(tau) for name, tau in frism.task_vectors(
+        frism.safetensors_index(f"{world}/lrm", "--lrm"),
+        frism.safetensors_index(f"{world}/base", "--base"), decoder_path)}
     names = sorted(gates, key=lambda p: (int(p.split(".layers.")[1].split(".")[0]),
                                          MERGED_ORDER.index(p.rsplit(".", 1)[1])))
     width = max(len(g) for g in gates.values())
