@@ -1,74 +1,34 @@
-"""The methods FRISM is compared with (the paper's Tab. 1), on the same streamed task vectors.
+"""The methods FRISM is compared with, on the same streamed task vectors, as one table (METHODS).
 
 For every merged linear weight (the seven projections of each decoder layer that frism.py
 merges), with tau_vlm = W_vlm - W_base and tau_lrm = W_lrm - W_base in fp32, the result cast
 once to the model's dtype; every other tensor stays the VLM's, bit for bit:
 
-  ta    Task Arithmetic         W = W_vlm + lam * tau_lrm                  (= frism.py --no-train)
-  ties  TIES-Merging            W = W_base + disjoint_mean(trim(tau_vlm), lam * trim(tau_lrm))
-  dare  DARE                    W = W_vlm + lam * mask * tau_lrm / density
-  ip    IP-Merging              W = W_vlm + lam * s * tau_lrm_k P   (layers that pass a threshold)
+  ta         Task Arithmetic     W = W_vlm + lam * tau_lrm                (= frism.py --no-train)
+  ties       TIES-Merging        W = W_base + disjoint_mean(trim(tau_vlm), lam * trim(tau_lrm))
+  dare       DARE                W = W_vlm + lam * mask * tau_lrm / density
+  ip         IP-Merging          W = W_vlm + lam * s * tau_lrm_k P   (layers that pass a threshold)
+  selective  Selective rank-k    W = W_vlm + lam * tau_k * ||tau||_F / ||tau_k||_F
+  star       STAR                W = W_vlm + lam * U_r diag(S_r * sum(S) / sum(S_r)) Vh_r
+  tsv        TSV-Merge           W = W_base + alpha * polar(U) diag(S) polar(Vh)  (both task vectors)
 
     python baselines.py ties --vlm Qwen/Qwen2.5-VL-7B-Instruct \\
         --lrm deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --base Qwen/Qwen2.5-Math-7B --out ties-7b
 
-The input checks, the streamed reading and the atomic save are frism.py's; this file holds only
-the merge rules. The output is an ordinary checkpoint of the VLM's class plus baselines_report.json.
+A new method is one function and one row of METHODS: its rule, its flags with their defaults.
+The input checks, the streamed reading, the atomic save and the model card are frism.py's. The
+output is an ordinary checkpoint of the VLM's class plus baselines_report.json and README.md.
 """
 import argparse
 import math
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 import frism
-
-DEFAULTS = {"ta": dict(lam=1.0), "ties": dict(lam=1.0, density=0.2),
-            "dare": dict(lam=1.0, density=0.1), "ip": dict(lam=1.0, threshold=0.4)}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Defaults per method: " + "; ".join(
-                                    f"{m}: " + ", ".join(f"--{k} {v}" for k, v in d.items())
-                                    for m, d in DEFAULTS.items()))
-    p.add_argument("method", choices=list(DEFAULTS), help="which merge")
-    p.add_argument("--vlm", required=True, help="the VLM: hub id or local save_pretrained directory")
-    p.add_argument("--lrm", required=True, help="the reasoning LLM")
-    p.add_argument("--base", required=True, help="the one base of both task vectors")
-    p.add_argument("--out", required=True, help="directory for the merged model (must not exist "
-                   "or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--lam", type=float, default=None, help="weight of the LRM's task vector")
-    p.add_argument("--density", type=float, default=None,
-                   help="ties: fraction of each task vector kept; dare: keep probability")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="ip: a layer is merged only if its max |cosine| reaches this")
-    p.add_argument("--ip-rank", type=int, default=1024, help="ip: singular directions compared")
-    p.add_argument("--seed", type=int, default=0, help="dare: seed of the random masks")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="working dtype (default: bfloat16 on GPU, float32 on CPU)")
-    args = p.parse_args(argv)
-    for flag, value in DEFAULTS[args.method].items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, value)
-    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    args.device_map, args.dry_run = None, False  # what frism.load_vlm and frism.main look at
-    return args
-
-
-def check_numbers(args):
-    frism.check_numbers(args)  # --lam finite
-    if args.density is not None and not 0 < args.density <= 1:
-        raise frism.InputError(f"--density must be in (0, 1], not {args.density}.")
-    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
-        raise frism.InputError(f"--threshold must be a finite number >= 0, not {args.threshold}.")
-    if args.ip_rank < 1:
-        raise frism.InputError("--ip-rank must be a positive integer.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,54 +97,205 @@ def ip_merging(W_vlm, tau_vlm, tau_lrm, lam, threshold, rank):
 
 
 # ----------------------------------------------------------------------------------------------
+# Selective transfer (Ji et al. 2026, "Selective Transfer of RL Updates for Visual Reasoning",
+# their direct route): the top-k part of tau, rescaled to tau's whole Frobenius norm.
+# ----------------------------------------------------------------------------------------------
+
+def selective(W_vlm, tau, lam, k):
+    U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
+    tau_k = (U[:, :k] * S[:k]) @ Vh[:k]
+    norm_k = tau_k.norm()
+    tau_hat = tau_k * (tau.norm() / norm_k) if norm_k > 0 else tau_k  # a zero tau stays zero
+    energy = (S[:k] ** 2).sum() / (S ** 2).sum() if S.sum() > 0 else torch.tensor(1.0)
+    return W_vlm + lam * tau_hat, {"retained_energy": energy.item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# STAR (Lee et al., NAACL 2025, as in the authors' public code): keep the fewest directions whose
+# singular values sum to eta % of the nuclear norm, then scale them so that it is restored.
+# ----------------------------------------------------------------------------------------------
+
+def star(W_vlm, tau, lam, eta):
+    U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
+    r = min(len(S), int((torch.cumsum(S, 0) < eta / 100 * S.sum()).sum()) + 1)
+    S_r = S[:r] * (S.sum() / S[:r].sum()) if S[:r].sum() > 0 else S[:r]
+    return W_vlm + lam * (U[:, :r] * S_r) @ Vh[:r], {"rank": r}
+
+
+# ----------------------------------------------------------------------------------------------
+# TSV-Merge (Gargiulo et al., CVPR 2025, as in the authors' public code), over the VLM's and the
+# LRM's task vectors: half of each one's singular directions, stacked, then decorrelated by
+# replacing the stacked U and Vh with their nearest orthogonal matrices (polar factors).
+# ----------------------------------------------------------------------------------------------
+
+def polar(X):
+    """X = P Sigma Q  ->  P Q: the orthogonal factor of X's polar decomposition."""
+    P, _, Q = torch.linalg.svd(X, full_matrices=False)
+    return P @ Q
+
+
+def tsv(W_base, tau_vlm, tau_lrm, alpha):
+    k = min(tau_lrm.shape) // 2  # min(m, n) / T directions of each of the T = 2 task vectors
+    parts = [torch.linalg.svd(tau, full_matrices=False) for tau in (tau_vlm, tau_lrm)]
+    U = torch.cat([U[:, :k] for U, _, _ in parts], dim=1)
+    S = torch.cat([S[:k] for _, S, _ in parts])
+    Vh = torch.cat([Vh[:k] for _, _, Vh in parts], dim=0)
+    overlap = (U.T @ U - torch.eye(2 * k, device=U.device)).norm().item()
+    return W_base + alpha * (polar(U) * S) @ polar(Vh), {"k": k, "u_overlap": overlap}
+
+
+# ----------------------------------------------------------------------------------------------
+# The table: one row a method. Every rule takes (W_vlm, W_base, tau_lrm, o), o holding the
+# method's flags (and a seeded generator), and returns (merged W in fp32, {figure: value}).
+# ----------------------------------------------------------------------------------------------
+
+class Method(NamedTuple):
+    rule: Callable
+    paper: str
+    defaults: dict  # flag -> default; these flags, and only these, are the method's own
+
+
+METHODS = {
+    "ta": Method(lambda W_vlm, W_base, tau, o: (W_vlm + o.lam * tau, {}),
+                 "Task Arithmetic (Ilharco et al., ICLR 2023): W = W_vlm + lam * tau.",
+                 dict(lam=1.0)),
+    "ties": Method(lambda W_vlm, W_base, tau, o: ties(W_base, W_vlm - W_base, tau, o.lam,
+                                                      o.density),
+                   "TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean.",
+                   dict(lam=1.0, density=0.2)),
+    "dare": Method(lambda W_vlm, W_base, tau, o: dare(W_vlm, tau, o.lam, o.density, o.generator),
+                   "DARE (Yu et al., ICML 2024): random drop of tau's entries, rescaled.",
+                   dict(lam=1.0, density=0.1, seed=0)),
+    "ip": Method(lambda W_vlm, W_base, tau, o: ip_merging(W_vlm, W_vlm - W_base, tau, o.lam,
+                                                          o.threshold, o.ip_rank),
+                 "IP-Merging (Hu et al., NeurIPS 2025): identify, project, rescale.",
+                 dict(lam=1.0, threshold=0.4, ip_rank=1024)),
+    # lam 0.05 and k = 1 are the authors' values for Qwen3-VL-8B
+    "selective": Method(lambda W_vlm, W_base, tau, o: selective(W_vlm, tau, o.lam, o.rank),
+                        "Selective transfer (Ji et al. 2026): rank-k tau rescaled to its "
+                        "Frobenius norm.", dict(lam=0.05, rank=1)),
+    "star": Method(lambda W_vlm, W_base, tau, o: star(W_vlm, tau, o.lam, o.eta),  # eta: authors'
+                   "STAR (Lee et al., NAACL 2025): spectral truncation and nuclear-norm rescale.",
+                   dict(lam=1.0, eta=40.0)),
+    "tsv": Method(lambda W_vlm, W_base, tau, o: tsv(W_base, W_vlm - W_base, tau, o.alpha),
+                  "TSV-Merge (Gargiulo et al., CVPR 2025): task singular vectors, decorrelated.",
+                  dict(alpha=1.0)),
+}
+
+# Every flag a rule may read: (type, help, the test a value must pass, what that test says).
+FLAGS = {
+    "lam": (float, "weight of the LRM's task vector", math.isfinite, "a finite number"),
+    "density": (float, "ties: fraction of each task vector kept; dare: keep probability",
+                lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": (int, "seed of the random masks", lambda v: True, "an integer"),
+    "threshold": (float, "a layer is merged only if its max |cosine| reaches this",
+                  lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "ip_rank": (int, "singular directions compared", lambda v: v >= 1, "a positive integer"),
+    "rank": (int, "singular directions kept (k)", lambda v: v >= 1, "a positive integer"),
+    "eta": (float, "percent of the nuclear norm the kept directions reach",
+            lambda v: 0 < v <= 100, "in (0, 100]"),
+    "alpha": (float, "scale of the merged task matrix (the authors tune it in 0.1-3)",
+              math.isfinite, "a finite number"),
+}
+
+
+def parse_args(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--vlm", required=True, help="the VLM: hub id or local directory")
+    common.add_argument("--lrm", required=True, help="the reasoning LLM")
+    common.add_argument("--base", required=True, help="the one base of both task vectors")
+    common.add_argument("--out", required=True, help="directory for the merged model (must not "
+                        "exist or be empty, unless --overwrite)")
+    common.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="working dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    methods = p.add_subparsers(dest="method", required=True, metavar="method",
+                               help=", ".join(METHODS))
+    for name, method in METHODS.items():
+        sub = methods.add_parser(name, parents=[common], help=method.paper,
+                                 description=method.paper,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for flag, default in method.defaults.items():
+            kind, text, _, _ = FLAGS[flag]
+            sub.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=default, help=text)
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return args
+
+
+def check_numbers(args):
+    for flag in METHODS[args.method].defaults:
+        _, _, valid, rule = FLAGS[flag]
+        if not valid(getattr(args, flag)):
+            raise frism.InputError(f"--{flag.replace('_', '-')} must be {rule}, "
+                                   f"not {getattr(args, flag)}.")
+
+
+# ----------------------------------------------------------------------------------------------
 # Streamed over the layers, then saved as an ordinary checkpoint
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def merge(model, lrm_index, base_index, args):
     """Replace each merged weight in place, one layer at a time; {layer path: figures}."""
-    if args.method == "ta":  # the same code as frism.py --no-train
-        frism.task_arithmetic(model, lrm_index, base_index, args)
-        return {}
-    generator = torch.Generator().manual_seed(args.seed)
+    rule = METHODS[args.method].rule
+    o = argparse.Namespace(**{flag: getattr(args, flag) for flag in METHODS[args.method].defaults},
+                           generator=torch.Generator().manual_seed(getattr(args, "seed", 0)))
     figures = {}
     for name, (path, linear) in tqdm(frism.decoder_layers(model).items(), desc=args.method):
         W_vlm, device = linear.weight.float(), linear.weight.device
         W_base = frism.read_weight(base_index, name).to(device)
         tau_lrm = frism.read_weight(lrm_index, name).to(device) - W_base
-        if args.method == "ties":
-            W, figures[path] = ties(W_base, W_vlm - W_base, tau_lrm, args.lam, args.density)
-        elif args.method == "dare":
-            W, figures[path] = dare(W_vlm, tau_lrm, args.lam, args.density, generator)
-        else:
-            W, figures[path] = ip_merging(W_vlm, W_vlm - W_base, tau_lrm, args.lam,
-                                          args.threshold, args.ip_rank)
+        W, figures[path] = rule(W_vlm, W_base, tau_lrm, o)
         linear.weight.copy_(W.to(linear.weight.dtype))  # fp32 arithmetic, cast once
     return figures
 
 
-def run(args):
+def summary(figures):
+    """Each figure over the layers: numbers as mean (min-max), yes/no figures as a count."""
+    lines, counts = [], {}
+    for key in sorted({k for f in figures.values() for k in f}):
+        values = [f[key] for f in figures.values() if key in f]
+        if all(isinstance(v, bool) for v in values):
+            counts[f"layers_{key}"] = sum(values)
+            lines.append(f"{key}: {sum(values)} of {len(values)} layers")
+        else:
+            lines.append(f"{key}: mean {sum(values) / len(values):.4g} "
+                         f"(min {min(values):.4g}, max {max(values):.4g}) over {len(values)} layers")
+    return lines, counts
+
+
+def run(args, command=""):
     started = time.perf_counter()
     check_numbers(args)
-    vlm, lrm_index, base_index = frism.check_inputs(args)
-    model, processor = frism.load_vlm(vlm, args)
+    frism.remove_stale_staging(args.out, "baselines.py")
+    vlm, lrm_index, base_index = frism.check_inputs(args.vlm, args.lrm, args.base, args.out,
+                                                    args.overwrite)
+    model, processor = frism.load_vlm(vlm, args.dtype, args.device)
     figures = merge(model, lrm_index, base_index, args)
-    report = {"method": args.method, "args": vars(args), "versions": frism.versions(),
-              "seconds": round(time.perf_counter() - started, 3), "layers": figures}
-    if args.method == "ip":
-        report["layers_passed"] = sum(f["passed"] for f in figures.values())
+    lines, counts = summary(figures)
+    report = {"method": args.method, "args": vars(args), "command": command,
+              "versions": frism.versions(), "seconds": round(time.perf_counter() - started, 3),
+              "layers": figures, **counts}
+    settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in METHODS[args.method].defaults}
+    card = frism.model_card(args.vlm, args.lrm, args.base, args.method, METHODS[args.method].paper,
+                            settings, lines or ["no per-layer figures for this method"], command)
     frism.save(model, processor, args.out, frism.checkpoint_dtype(vlm, model.dtype),
-               {"baselines_report.json": frism.write_json(report)}, args.overwrite)
+               {"baselines_report.json": frism.write_json(report), "README.md": card},
+               args.overwrite)
     return report
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    code, report = frism.guarded("baselines.py", args, run)
+    torch.manual_seed(getattr(args, "seed", 0))
+    code, report = frism.guarded("baselines.py", args.out, lambda: run(
+        args, frism.command_line("baselines.py", argv)))
     if code == 0:
         passed = (f", {report['layers_passed']} of {len(report['layers'])} layers passed "
-                  f"the threshold" if args.method == "ip" else "")
+                  f"the threshold" if "layers_passed" in report else "")
         print(f"{args.method} merge written to {args.out} ({report['seconds']:.1f} s{passed}).")
     return code
 

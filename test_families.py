@@ -271,7 +271,7 @@ def test_batches_of_mixed_size_images_are_the_processors_business(family):
     args = frism.parse_args(trio_args(family, "unused", "--data", family["data"]))
     samples = frism.load_calibration(args)
     answers = [[40 + i] * (i + 1) for i in range(len(samples))]
-    batch, mask = frism.make_batch(processor, [(im, q, a) for (im, q), a in zip(samples, answers)],
+    batch, mask = frism.make_batch(processor, [frism.Answer(im, q, a) for (im, q), a in zip(samples, answers)],
                                    "cpu")
     for b, answer in enumerate(answers):
         positions = mask[b].nonzero().flatten()
@@ -338,7 +338,7 @@ def test_llama_32_vision_is_refused_for_its_cross_attention_layers(tmp_path):
                                         cross_attention_layers=[1]))
     t["vlm"] = a_model_dir(tmp_path / "mllama", cfg)
     with pytest.raises(frism.InputError, match="cross-attention"):
-        frism.check_inputs(frism.parse_args(trio_args(t, tmp_path / "out", "--no-train")))
+        frism.check_inputs(t["vlm"], t["lrm"], t["base"], str(tmp_path / "out"))
 
 
 def test_a_mixture_of_experts_vlm_is_refused(tmp_path):
@@ -347,7 +347,7 @@ def test_a_mixture_of_experts_vlm_is_refused(tmp_path):
     t["vlm"] = a_model_dir(tmp_path / "moe", Qwen3VLMoeConfig(text_config=dict(
         TEXT, vocab_size=300, head_dim=16, num_experts=4, num_experts_per_tok=2)))
     with pytest.raises(frism.InputError, match="mixture-of-experts"):
-        frism.check_inputs(frism.parse_args(trio_args(t, tmp_path / "out", "--no-train")))
+        frism.check_inputs(t["vlm"], t["lrm"], t["base"], str(tmp_path / "out"))
 
 
 def test_a_text_model_with_another_activation_is_refused(tmp_path):
@@ -355,4 +355,4 @@ def test_a_text_model_with_another_activation_is_refused(tmp_path):
     gemma, qwen = build("gemma3", str(tmp_path / "gemma")), build("internvl", str(tmp_path / "q"))
     t = dict(gemma, lrm=qwen["lrm"], base=qwen["base"])
     with pytest.raises(frism.InputError, match="activation"):
-        frism.check_inputs(frism.parse_args(trio_args(t, tmp_path / "out", "--no-train")))
+        frism.check_inputs(t["vlm"], t["lrm"], t["base"], str(tmp_path / "out"))

@@ -575,7 +575,8 @@ def plot(table, check, summaries, out_dir):
     import frism
     from safetensors.torch import load_file
     shown = summaries[0]["models"][f"FRISM lam={SHOWN[0]} alpha={SHOWN[1]}"]
-    gates = load_file(os.path.join(shown, "frism_gates.safetensors"))
+    gates = {key.removesuffix(".g"): g for key, g in load_file(
+        os.path.join(shown, "frism_gates.safetensors")).items() if key.endswith(".g")}
     world = os.path.dirname(summaries[0]["models"]["VLM"])
     # the singular values, recomputed from the task vectors (the gates file holds g only)
     decoder_path = {frism.DECODER_PATH.search(path + ".weight").group(1): path for path in gates}
