@@ -177,3 +177,158 @@ def test_a_mismatched_lrm_is_refused(trio, wide_lrm, tmp_path):
     done = merge_cli(dict(trio, lrm=wide_lrm), "dare", tmp_path / "out")
     assert done.returncode == 2 and "intermediate_size" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- the table: one row a method, the command line from it -----------------------------------
+
+def test_a_rule_added_to_the_table_runs_through_the_same_command_line(trio, tmp_path,
+                                                                       monkeypatch):
+    half = baselines.Method(lambda W_vlm, W_base, tau, o: (W_vlm + 0.5 * o.lam * tau, {"x": 1.0}),
+                            "Half of Task Arithmetic (a fork's example).", dict(lam=1.0))
+    monkeypatch.setitem(baselines.METHODS, "half", half)
+    args = ["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"]]
+    assert baselines.main(["half", *args, "--out", str(tmp_path / "half"), "--lam", "1.2"]) == 0
+    assert baselines.main(["ta", *args, "--out", str(tmp_path / "ta"), "--lam", "0.6"]) == 0
+    ours, ta = tensors(tmp_path / "half"), tensors(tmp_path / "ta")
+    assert all(torch.equal(ours[k], ta[k]) for k in ta)
+    report = json.loads((tmp_path / "half" / "baselines_report.json").read_text())
+    assert report["method"] == "half" and report["args"]["lam"] == 1.2
+    assert (tmp_path / "half" / "README.md").exists()
+
+
+def test_an_unknown_method_is_refused_by_the_command_line(trio, tmp_path):
+    done = merge_cli(trio, "magic", tmp_path / "out")
+    assert done.returncode == 2 and "invalid choice: 'magic'" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_method_takes_only_its_own_flags(trio, tmp_path):
+    done = merge_cli(trio, "ta", tmp_path / "out", "--density", "0.5")
+    assert done.returncode == 2 and "unrecognized arguments: --density" in done.stderr
+
+
+def test_every_row_of_the_table_runs_with_its_defaults_and_writes_a_model_card(trio, tmp_path):
+    from huggingface_hub import ModelCard
+    for method in baselines.METHODS:
+        out = tmp_path / method
+        done = merge_cli(trio, method, out)
+        assert done.returncode == 0, (method, done.stderr)
+        card = ModelCard.load(out / "README.md")
+        assert card.data.base_model == [trio["vlm"], trio["lrm"]] and method in card.data.tags
+        assert f"python baselines.py {method} --vlm" in card.text
+        report = json.loads((out / "baselines_report.json").read_text())
+        assert all(report["args"][k] == v for k, v in baselines.METHODS[method].defaults.items())
+
+
+# ---- Selective rank-k transfer (Ji et al. 2026) ----------------------------------------------
+
+def test_selective_at_full_rank_is_task_arithmetic():
+    W, tau = torch.randn(12, 9), torch.randn(12, 9)
+    out, figures = baselines.selective(W, tau, 0.3, 9)
+    torch.testing.assert_close(out, W + 0.3 * tau, atol=1e-5, rtol=1e-5)
+    assert figures["retained_energy"] == pytest.approx(1.0)
+
+
+def test_selective_at_rank_1_is_a_rank_1_update_with_taus_frobenius_norm():
+    torch.manual_seed(0)
+    W, tau = torch.randn(12, 9), torch.randn(12, 9)
+    out, figures = baselines.selective(W, tau, 0.5, 1)
+    update = (out - W) / 0.5
+    assert torch.linalg.matrix_rank(update).item() == 1
+    assert update.norm().item() == pytest.approx(tau.norm().item(), rel=1e-5)
+    S = torch.linalg.svdvals(tau)
+    assert figures["retained_energy"] == pytest.approx((S[0] ** 2 / (S ** 2).sum()).item())
+    u, v = torch.linalg.svd(tau)[0][:, 0], torch.linalg.svd(tau)[2][0]
+    direct = torch.outer(u, v) * tau.norm()  # the top direction, scaled to ||tau||_F
+    torch.testing.assert_close(update, direct, atol=1e-5, rtol=1e-4)
+
+
+def test_selective_cli_records_each_layers_retained_energy(trio, tmp_path):
+    out, report = merged(trio, "selective", tmp_path, "--rank", "2")
+    assert report["args"]["lam"] == 0.05 and report["args"]["rank"] == 2
+    assert len(report["layers"]) == 14
+    assert len(changed_layers(trio, out)) == 14
+    for path, figures in report["layers"].items():
+        name = path.split("language_model.", 1)[1]
+        from test_frism import task_vector
+        S = torch.linalg.svdvals(task_vector(trio, name))
+        assert figures["retained_energy"] == pytest.approx(
+            ((S[:2] ** 2).sum() / (S ** 2).sum()).item(), rel=1e-4)
+
+
+# ---- STAR (Lee et al., NAACL 2025) -----------------------------------------------------------
+
+def test_star_at_eta_100_is_task_arithmetic():
+    W, tau = torch.randn(10, 14), torch.randn(10, 14)
+    out, figures = baselines.star(W, tau, 0.7, 100.0)
+    torch.testing.assert_close(out, W + 0.7 * tau, atol=1e-5, rtol=1e-5)
+    assert figures["rank"] == 10
+
+
+def test_star_keeps_the_fewest_directions_reaching_eta_and_restores_the_nuclear_norm():
+    torch.manual_seed(1)
+    W, tau = torch.randn(16, 20), torch.randn(16, 20)
+    out, figures = baselines.star(W, tau, 1.0, 40.0)
+    S = torch.linalg.svdvals(tau).tolist()
+    r, running = 0, 0.0
+    while running < 0.4 * sum(S):  # directly: add directions until 40 % of the sum is reached
+        running += S[r]
+        r += 1
+    assert figures["rank"] == r < len(S)
+    update = out - W
+    assert torch.linalg.matrix_rank(update).item() == r
+    assert torch.linalg.svdvals(update).sum().item() == pytest.approx(sum(S), rel=1e-5)
+
+
+def test_star_cli_records_r_per_layer(trio, tmp_path):
+    out, report = merged(trio, "star", tmp_path)
+    assert report["args"]["eta"] == 40.0 and report["args"]["lam"] == 1.0
+    assert all(1 <= f["rank"] <= 32 for f in report["layers"].values())
+    assert len(changed_layers(trio, out)) == 14
+
+
+# ---- TSV-Merge (Gargiulo et al., CVPR 2025) --------------------------------------------------
+
+def orthogonal_task_vectors(m=12, n=10, k=5):
+    """Two task vectors whose top-k singular directions are mutually orthogonal."""
+    torch.manual_seed(2)
+    P = torch.linalg.qr(torch.randn(m, m))[0]
+    Q = torch.linalg.qr(torch.randn(n, n))[0]
+    S1, S2 = torch.tensor([5.0, 4, 3, 2, 1]), torch.tensor([4.5, 3.5, 2.5, 1.5, 0.5])
+    return (P[:, :k] * S1) @ Q[:, :k].T, (P[:, k:2 * k] * S2) @ Q[:, k:2 * k].T
+
+
+def test_tsv_with_orthogonal_task_vectors_is_the_plain_sum_of_their_truncations():
+    tau_vlm, tau_lrm = orthogonal_task_vectors()
+    W_base = torch.randn(12, 10)
+    out, figures = baselines.tsv(W_base, tau_vlm, tau_lrm, 1.0)
+    assert figures["k"] == 5 and figures["u_overlap"] < 1e-4
+    torch.testing.assert_close(out, W_base + tau_vlm + tau_lrm, atol=1e-5, rtol=1e-4)
+
+
+def inverse_sqrt(A):
+    vals, vecs = torch.linalg.eigh(A)
+    return (vecs * vals.rsqrt()) @ vecs.T
+
+
+def test_tsv_follows_its_definition_with_polar_factors_computed_another_way():
+    torch.manual_seed(3)
+    W_base, tau_vlm, tau_lrm = (torch.randn(12, 9, dtype=torch.float64) for _ in range(3))
+    out, figures = baselines.tsv(W_base, tau_vlm, tau_lrm, 0.8)
+    k = 4  # min(12, 9) // 2
+    A, B = (torch.linalg.svd(t, full_matrices=False) for t in (tau_vlm, tau_lrm))
+    U = torch.cat([A[0][:, :k], B[0][:, :k]], 1)
+    S = torch.cat([A[1][:k], B[1][:k]])
+    Vh = torch.cat([A[2][:k], B[2][:k]], 0)
+    U_orth = U @ inverse_sqrt(U.T @ U)  # polar factor as X (X^T X)^(-1/2)
+    Vh_orth = inverse_sqrt(Vh @ Vh.T) @ Vh
+    assert torch.allclose(U_orth.T @ U_orth, torch.eye(2 * k, dtype=torch.float64), atol=1e-8)
+    torch.testing.assert_close(out, W_base + 0.8 * U_orth @ torch.diag(S) @ Vh_orth)
+    assert figures["k"] == k
+
+
+def test_tsv_cli_uses_both_task_vectors(trio, tmp_path):
+    out, report = merged(trio, "tsv", tmp_path)
+    assert report["args"]["alpha"] == 1.0
+    assert all(f["k"] in (16, 32) for f in report["layers"].values())  # min(m, n) // 2
+    assert len(changed_layers(trio, out)) == 14

@@ -252,8 +252,15 @@ def test_help_explains_every_flag(capsys):
                  "--alpha", "--steps", "--lr", "--batch-size", "--grad-accum", "--max-new-tokens",
                  "--rank", "--no-train", "--device", "--dtype", "--seed", "--dry-run",
                  "--device-memory", "--gradient-checkpointing", "--device-map",
-                 "--cache-teacher"):
+                 "--cache-teacher", "--scan", "--gate-init"):
         assert flag in text
+
+
+def test_the_gates_start_where_gate_init_says(trio):
+    for value, start in (("0", 0.5), ("3", 1 / (1 + math.exp(-3)))):
+        _, _, gated, _ = merged_model(trio, "--gate-init", value)
+        assert all(torch.all(layer.g == float(value)) for layer in gated.values())
+        assert frism.mean_gate(gated) == pytest.approx(start)
 
 
 def test_teacher_answers_end_at_the_end_of_turn_or_the_limit(trio):
@@ -1026,3 +1033,143 @@ def test_a_batch_of_images_of_different_sizes_is_one_processor_call(trio):
     image_tokens = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
         "<|image_pad|>")).sum(1).tolist()
     assert image_tokens == [4, 15]  # the processor's own count, per image
+
+
+# ---- the fork promise: another objective, another parameter, in one place each ---------------
+
+def test_a_replacement_objective_changes_the_gates_and_moves_only_the_gated_parameters(trio):
+    runs = {}
+    for name, objective in (("eq10", None), ("fork", lambda kl, gated: kl - sum(
+            layer.g.sum() for layer in gated.values()))):  # any other function of (kl, gated)
+        model, processor, gated, args = merged_model(trio, "--steps", "3")
+        frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
+        answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+        frism.train(model, processor, gated, answers, args, objective)
+        after = model.state_dict()
+        assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+        runs[name] = torch.cat([layer.g.detach().flatten() for layer in gated.values()])
+    assert not torch.allclose(runs["eq10"], runs["fork"])
+    assert torch.all(runs["fork"] > 0)  # the fork's objective pushes every gate up
+
+
+class ScaledGatedLinear(frism.GatedLinear):
+    """What a fork adds: one learned scale per layer on top of the gates."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def effective_S(self):
+        return super().effective_S() * self.scale
+
+
+def test_a_parameter_a_fork_adds_to_the_gated_layer_trains_and_is_saved(trio, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(frism, "GatedLinear", ScaledGatedLinear)
+    out = tmp_path / "fork"
+    assert frism.main(["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"],
+                       "--out", str(out), "--data", trio["data"], "--steps", "3",
+                       "--max-new-tokens", "6", "--lam", "0.9"]) == 0
+    saved = load_file(out / "frism_gates.safetensors")
+    scales = {k: v for k, v in saved.items() if k.endswith(".scale")}
+    assert len(scales) == 14 and len(saved) == 28  # a scale and a gate vector per layer
+    assert all(v.item() != 1.0 for v in scales.values())  # trained
+    vlm, merged = tensors(trio["vlm"]), tensors(out)
+    key = "model.language_model.layers.0.mlp.up_proj"
+    U, S, Vh = torch.linalg.svd(task_vector(trio, "layers.0.mlp.up_proj"), full_matrices=False)
+    expected = vlm["model.layers.0.mlp.up_proj.weight"] + 0.9 * (
+        U * (torch.sigmoid(saved[key + ".g"]) * S * saved[key + ".scale"])) @ Vh
+    torch.testing.assert_close(merged["model.layers.0.mlp.up_proj.weight"], expected,
+                               atol=1e-5, rtol=1e-4)  # the fold used the trained scale
+
+
+# ---- the first run on a GPU: data id, lambda scan, model card, no hidden leftovers -----------
+
+def test_the_default_calibration_set_is_vizwiz_at_its_current_hub_id():
+    assert frism.parse_args(["--vlm", "a/b", "--lrm", "c/d", "--base", "e/f"]).data == \
+        "lmms-lab-encoder/VizWiz-VQA"
+
+
+def test_the_lambda_scan_is_eq8_with_every_gate_open_at_each_lambda(trio):
+    model, processor, gated, args = merged_model(trio)
+    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+    table = frism.lambda_scan(model, processor, gated, answers, [1.0, 0.0, 0.5], 3)
+    assert [row["lam"] for row in table] == [0.0, 0.5, 1.0]  # sorted
+    assert table[0]["kl"] == 0.0 and table[0]["rise"] is None  # lambda 0 is the VLM itself
+    for row, previous in zip(table[1:], table):
+        assert row["kl"] > previous["kl"] and row["rise"] == pytest.approx(
+            row["kl"] - previous["kl"])
+    for layer in gated.values():  # directly: every gate open at 0.5, one batch of every answer
+        layer.g.data.fill_(math.inf)
+        layer.lam = 0.5
+    batch, mask = frism.make_batch(processor, answers, args.device)
+    with torch.no_grad():
+        kl = frism.distill_loss(model, gated, batch, mask).item()
+    assert table[1]["kl"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_the_scan_prints_the_table_and_writes_only_the_report(trio, tmp_path):
+    out = tmp_path / "scan"
+    done = cli(trio, out, "--data", trio["data"], "--max-new-tokens", "6", "--scan", "0.5", "0",
+               "1")
+    assert done.returncode == 0, done.stderr
+    assert "Lambda scan" in done.stdout and "--lam" in done.stdout
+    assert os.listdir(out) == ["frism_report.json"]  # no model
+    scan = json.loads((out / "frism_report.json").read_text())["scan"]
+    assert [row["lam"] for row in scan] == [0.0, 0.5, 1.0]
+    assert 0 == scan[0]["kl"] < scan[1]["kl"] < scan[2]["kl"]
+    assert cli(trio, tmp_path / "x", "--scan", "nan").returncode == 2
+
+
+def assert_card(path, vlm, lrm, tag, words):
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(os.path.join(path, "README.md"))
+    assert card.data.base_model == [vlm, lrm]
+    assert "merge" in card.data.tags and tag in card.data.tags
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-text-to-text"
+    for word in words:
+        assert word in card.text, word
+
+
+def test_every_frism_output_has_a_model_card_the_hub_reads(trio, frism_run):
+    assert_card(frism_run, trio["vlm"], trio["lrm"], "frism", [
+        "2601.21187", "python frism.py --vlm", "--lam 0.9", "| lambda (--lam) | 0.9 |",
+        "| steps | 4 |", trio["data"], "14 gated layers", "Injected spectral energy",
+        "transformers", "torch"])
+
+
+def test_a_task_arithmetic_output_has_a_model_card_too(trio, tmp_path):
+    assert cli(trio, tmp_path / "ta", "--no-train", "--lam", "0.5").returncode == 0
+    assert_card(tmp_path / "ta", trio["vlm"], trio["lrm"], "frism", [
+        "Task Arithmetic", "W = W_vlm + 0.5 * tau", "none (--no-train)"])
+
+
+def test_a_hard_kill_while_saving_leaves_nothing_hidden_after_the_next_run(trio, tmp_path):
+    import signal
+    code, _, out = interrupt(trio, tmp_path, "save", sig=signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    left = [p for p in os.listdir(tmp_path) if p.startswith(".out.partial-")]
+    assert len(left) == 1 and not out.exists()  # what SIGKILL leaves: nothing can clean it up
+    live = tmp_path / f".out.partial-{os.getpid()}@{__import__('socket').gethostname()}-live1234"
+    live.mkdir()  # a live run's (this test process's): never touched
+    done = cli(trio, out, "--no-train")
+    assert done.returncode == 0, done.stderr
+    assert f"removed 1 staging directory left beside --out by a killed run: {left[0]}" in \
+        done.stderr
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [live.name]
+    assert (out / "model.safetensors").exists()
+
+
+def test_a_killed_replacement_puts_the_previous_output_back(tmp_path):
+    import socket
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    old = tmp_path / f".out.replaced-{dead}@{socket.gethostname()}-abcd1234"
+    (old / "out").mkdir(parents=True)
+    (old / "out" / "keep.txt").write_text("the previous model")
+    other = tmp_path / f".out.partial-{dead}@another-host-abcd1234"
+    other.mkdir()  # another machine's (a shared disk): its processes cannot be seen from here
+    removed = frism.remove_stale_staging(str(tmp_path / "out"), "frism.py")
+    assert removed and (tmp_path / "out" / "keep.txt").read_text() == "the previous model"
+    assert not old.exists() and other.exists()
