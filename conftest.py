@@ -14,6 +14,8 @@ import toy  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "bench: benchmarks, deselected by default (pytest -m bench)")
+    config.addinivalue_line("markers", "toy: needs a trained miniature world (minutes), deselected "
+                            "by default (pytest -m toy)")
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +36,9 @@ def wide_lrm(trio, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Benchmarks run only when asked for with -m bench."""
+    """Benchmarks and trained-world tests run only when asked for (-m bench, -m toy)."""
     if config.getoption("-m"):
         return
-    keep = [item for item in items if "bench" not in item.keywords]
+    keep = [item for item in items if "bench" not in item.keywords and "toy" not in item.keywords]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep

@@ -75,11 +75,12 @@ def task_vectors(lrm_index, base_index, names):
         yield name, read_weight(lrm_index, name) - read_weight(base_index, name)
 
 
-def decompose(tau, rank, device):
-    """tau = U diag(S) Vh, singular values descending; optionally the top-k directions only."""
+def decompose(tau, keep, device):
+    """tau = U diag(S) Vh, singular values descending; `keep` (a slice) picks the directions
+    kept: all as in the paper, the top k with --rank, a band with --band."""
     U, S, Vh = torch.linalg.svd(tau.to(device), full_matrices=False)
-    if rank is not None:  # copies, so that the dropped directions' memory is freed
-        U, S, Vh = U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].clone()
+    if keep != slice(None):  # copies, so that the dropped directions' memory is freed
+        U, S, Vh = U[:, keep].clone(), S[keep].clone(), Vh[keep].clone()
     return U, S, Vh
 
 
@@ -136,11 +137,18 @@ def inject(model, lrm_index, base_index, args):
     taus = task_vectors(lrm_index, base_index, list(layers))
     for name, tau in tqdm(taus, total=len(layers), desc="SVD of task vectors"):
         path, linear = layers[name]
-        U, S, Vh = decompose(tau, args.rank, linear.weight.device)  # with its layer, on its device
+        U, S, Vh = decompose(tau, kept_directions(args), linear.weight.device)  # on its device
         del tau  # ours: nothing but the frozen factors outlives this loop
         gated[path] = GatedLinear(linear, U, S, Vh, args.lam, args.gate_init)
         set_module(model, path, gated[path])
     return gated
+
+
+def kept_directions(args):
+    """All singular directions (the paper), the top k (--rank k), or a band (--band FIRST LAST)."""
+    if getattr(args, "band", None):
+        return slice(args.band[0] - 1, args.band[1])
+    return slice(None, args.rank)
 
 
 @contextlib.contextmanager
@@ -389,6 +397,9 @@ def parse_args(argv=None):
                    help="length limit of the teacher's cached answers (ours)")
     p.add_argument("--rank", type=int, default=None,
                    help="keep only the top-k subspaces of each layer (default: all, as the paper)")
+    p.add_argument("--band", type=int, nargs=2, metavar=("FIRST", "LAST"), help="keep only "
+                   "singular directions FIRST..LAST of each layer (1-based, inclusive): with "
+                   "--no-train, the paper's injection of single subspaces (its Fig. 3)")
     p.add_argument("--no-train", action="store_true", help="skip training and open every gate: "
                    "Task Arithmetic W = W_vlm + lam * tau (truncated to --rank if given)")
     p.add_argument("--scan", type=float, nargs="+", metavar="LAM", help="no training, no model: "
@@ -437,6 +448,11 @@ def check_numbers(args):
             rule = "a finite number" + ("" if low == -math.inf else
                                         f" {'>=' if inclusive else '>'} {low:g}")
             raise InputError(f"--{flag.replace('_', '-')} must be {rule}, not {value}.")
+    band = getattr(args, "band", None)
+    if band and not (1 <= band[0] <= band[1]):
+        raise InputError("--band FIRST LAST needs 1 <= FIRST <= LAST.")
+    if band and getattr(args, "rank", None):
+        raise InputError("--band and --rank both choose directions: give one of them.")
     if not all(math.isfinite(lam) for lam in getattr(args, "scan", None) or []):
         raise InputError("--scan takes finite numbers only.")
     if getattr(args, "max_pixels", 784) < 28 * 28:
@@ -1053,11 +1069,13 @@ def frism_card(args, command, stats, history):
                 f"{args.data} ({args.data_split}), {args.num_samples} questions at most"}
     if args.no_train:
         figures = [f"Task Arithmetic: every gate open, W = W_vlm + {args.lam} * tau"
-                   + (f" (top {args.rank} directions)" if args.rank else "") + "."]
+                   + (f" (top {args.rank} directions)" if args.rank else "")
+                   + (f" (directions {args.band[0]}-{args.band[1]} only)" if args.band else "")
+                   + "."]
     else:
         ranks = sum(s["rank"] for s in stats.values())
-        mean = sum(s["mean"] * s["rank"] for s in stats.values()) / ranks
-        open_ = sum(s["open"] * s["rank"] for s in stats.values()) / ranks
+        mean = sum(s["mean"] * s["rank"] for s in stats.values() if s["rank"]) / ranks
+        open_ = sum(s["open"] * s["rank"] for s in stats.values() if s["rank"]) / ranks
         figures = [f"{len(stats)} gated layers, {ranks} gates: mean sigmoid(g) {mean:.3f}, "
                    f"{100 * open_:.1f} % above 0.5 (all start at {1 / (1 + math.exp(-args.gate_init)):.2f}).",
                    f"Injected spectral energy at the end of training: {history[-1]['injected']:.3f} "
@@ -1070,6 +1088,9 @@ def gate_statistics(gated):
     stats = {}
     for path, layer in gated.items():
         s, S = torch.sigmoid(layer.g.detach()), layer.S
+        if len(s) == 0:  # a --band beyond this layer's rank
+            stats[path] = {"rank": 0}
+            continue
         stats[path] = {"rank": len(s), "mean": s.mean().item(), "min": s.min().item(),
                        "max": s.max().item(), "open": (s > 0.5).float().mean().item(),
                        "injected": ((s * S) ** 2).sum().item() / (S ** 2).sum().item()}
@@ -1091,17 +1112,22 @@ def versions():
 
 # ---- the run, top to bottom ------------------------------------------------------------------
 
+class Laps:
+    """Seconds and peak memory after each stage: where the peak rises is where memory goes."""
+
+    def __init__(self):
+        self.seconds, self.peaks, self.t = {}, {}, time.perf_counter()
+
+    def __call__(self, stage):
+        self.seconds[stage] = round(time.perf_counter() - self.t, 3)
+        self.peaks[stage] = peak_memory()
+        self.t = time.perf_counter()
+
+
 def run(args, command="", make_objective=None):
-    """Check, load, Stage 1 and Eq. 7, Eq. 8-10 (or Task Arithmetic, or the scan), fold, save.
+    """Check, load, merge (Task Arithmetic, FRISM, or the scan), save; returns the report.
     make_objective(model, processor, gated) -> objective replaces Eq. 10 (toy.py's oracle)."""
-    seconds, peaks, t = {}, {}, time.perf_counter()
-
-    def lap(stage):
-        nonlocal t
-        seconds[stage] = round(time.perf_counter() - t, 3)
-        peaks[stage] = peak_memory()  # the peak so far: where it rises is where memory goes
-        t = time.perf_counter()
-
+    lap = Laps()
     check_numbers(args)
     if args.dry_run:
         return {"plan": dry_run(args)}
@@ -1113,46 +1139,23 @@ def run(args, command="", make_objective=None):
                                               args.overwrite)
     samples = None if args.no_train and not args.scan else load_calibration(args)
     lap("check")
-
     frugal_host_memory()
     model, processor = load_vlm(vlm, args.dtype, args.device, args.device_map)
     lap("load")
-    history, answers, caching, scan = [], [], False, None
-    if args.no_train and args.rank is None and not args.scan:  # Task Arithmetic needs no SVD
+    if args.no_train and kept_directions(args) == slice(None) and not args.scan:  # no SVD
         layers = task_arithmetic(model, lrm_index, base_index, args.lam)
         trained = {f"{path}.g": torch.full((min(m.weight.shape),), math.inf)
                    for path, m in layers.values()}
-        stats = {}  # no subspaces were formed
+        report = {"gates": {}, "loss_curve": []}  # no subspaces were formed
         lap("task_arithmetic")
     else:
-        gated = inject(model, lrm_index, base_index, args)  # Stage 1, Eq. 7
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the SVD workspaces back before training starts
-        lap("svd")
-        if not args.no_train or args.scan:
-            answers, caching = prepare_teacher(model, processor, gated, samples, args)
-            lap("teacher")
-        if args.scan:
-            scan = lambda_scan(model, processor, gated, answers, args.scan, args.batch_size)
-            print_scan(scan)
-            lap("scan")
-        elif args.no_train:
-            for layer in gated.values():
-                layer.g.data.fill_(math.inf)  # every kept gate fully open
-        else:
-            objective = make_objective(model, processor, gated) if make_objective else None
-            history = train(model, processor, gated, answers, args, objective)  # Eq. 8-10
-            lap("train")
-        trained, stats = trained_parameters(gated), gate_statistics(gated)
-        fold(model, gated)
-        lap("fold")
+        trained, report = subspace_merge(model, processor, lrm_index, base_index, samples, args,
+                                         lap, make_objective)
     report = {"args": vars(args), "command": command, "versions": versions(),
-              "seconds": seconds, "memory": dict(peak_memory(), after_stage=peaks),
-              "calibration": {"questions": len(samples or []), "answers": len(answers),
-                              "teacher_cached": caching},
-              "loss_curve": history, "gates": stats}
+              "seconds": lap.seconds, "memory": dict(peak_memory(), after_stage=lap.peaks),
+              "calibration": {"questions": len(samples or []), "answers": 0,
+                              "teacher_cached": False}, **report}
     if args.scan:
-        report["scan"] = scan
         if args.out:  # the table alone: no model is written
             save(None, None, args.out, None, {"frism_report.json": write_json(report)},
                  args.overwrite)
@@ -1160,8 +1163,40 @@ def run(args, command="", make_objective=None):
     save(model, processor, args.out, checkpoint_dtype(vlm, model.dtype),
          {"frism_gates.safetensors": write_tensors(trained),
           "frism_report.json": write_json(report),
-          "README.md": frism_card(args, command, stats, history)}, args.overwrite)
+          "README.md": frism_card(args, command, report["gates"], report["loss_curve"])},
+         args.overwrite)
     return report
+
+
+def subspace_merge(model, processor, lrm_index, base_index, samples, args, lap, make_objective):
+    """Stage 1 and Eq. 7, then Eq. 8-10 (or every gate open, or the scan), then the fold:
+    (the trained parameters, what the report says of them)."""
+    gated = inject(model, lrm_index, base_index, args)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the SVD workspaces back before training starts
+    lap("svd")
+    report = {"loss_curve": []}
+    if not args.no_train or args.scan:
+        answers, caching = prepare_teacher(model, processor, gated, samples, args)
+        report["calibration"] = {"questions": len(samples), "answers": len(answers),
+                                 "teacher_cached": caching}
+        lap("teacher")
+    if args.scan:
+        report["scan"] = lambda_scan(model, processor, gated, answers, args.scan, args.batch_size)
+        print_scan(report["scan"])
+        lap("scan")
+        return {}, report
+    if args.no_train:
+        for layer in gated.values():
+            layer.g.data.fill_(math.inf)  # every kept gate fully open
+    else:
+        objective = make_objective(model, processor, gated) if make_objective else None
+        report["loss_curve"] = train(model, processor, gated, answers, args, objective)
+        lap("train")
+    trained, report["gates"] = trained_parameters(gated), gate_statistics(gated)
+    fold(model, gated)
+    lap("fold")
+    return trained, report
 
 
 def prepare_teacher(model, processor, gated, samples, args):

@@ -502,28 +502,110 @@ def test_soft_config_differences_only_warn(trio):
 # ---- the paper in miniature (toy.py), smoke-sized --------------------------------------------
 
 def test_toy_world_runs_end_to_end(tmp_path):
-    """A few steps of every stage: the world trains, is checked, merged every way, scored, plotted."""
+    """A few steps of every stage: the world trains, is checked, scanned, merged every way (every
+    row of --full), scored, plotted."""
     import toy
-    assert toy.main(["--dir", str(tmp_path), "--smoke"]) == 0
+    assert toy.main(["--dir", str(tmp_path), "--smoke", "--full"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["world_check"]) == {"LRM", "BASE", "VLM", "ideal"}
     assert {"text_reasoning", "marker_reasoning"} <= summary["world_check"]["LRM"].keys()
     assert {"perception", "vl_reasoning"} <= summary["world_check"]["ideal"].keys()
+    frism_rows = {f"FRISM {start}lam={lam} alpha={a}" for start in toy.STARTS
+                  for lam in toy.FRISM_LAMS for a in toy.ALPHAS}
     assert set(summary["rows"]) == ({"VLM", "TIES", "DARE"} | {f"TA {lam}" for lam in toy.LAMBDAS}
-                                    | {f"IP T={t}" for t in toy.THRESHOLDS}
-                                    | {f"FRISM lam={lam} alpha={a}" for lam in toy.FRISM_LAMS
-                                       for a in toy.ALPHAS})
+                                    | {f"IP T={t}" for t in toy.THRESHOLDS} | frism_rows
+                                    | {f"oracle lam={lam}" for lam in toy.FRISM_LAMS}
+                                    | {f"{m} {lam}" for m in ("selective", "STAR", "TSV")
+                                       for lam in toy.LAMBDAS}
+                                    | {f"TA top-{k}" for k in toy.RANKS}
+                                    | {f"band {a}-{b} lam={lam}" for a, b in toy.BANDS
+                                       for lam in toy.LAMBDAS})
     assert all(0 <= low <= mean <= high <= 100 for row in summary["rows"].values()
-               for mean, low, high in row.values())
+               for column, (mean, low, high) in row.items() if column != "scan_kl")
+    assert all("scan_kl" in summary["rows"][f"TA {lam}"] for lam in toy.LAMBDAS)
+    assert -1 <= summary["scan_spearman"][0] <= 1
     runs = tmp_path / "seed-0" / "runs"
     report = json.loads((runs / "FRISM_lam-2.0_alpha-1.0" / "frism_report.json").read_text())
     assert report["args"]["lam"] == 2.0 and report["calibration"]["questions"] == 8
+    report = json.loads((runs / "FRISM_open_lam-1.0_alpha-0.1" / "frism_report.json").read_text())
+    assert report["args"]["gate_init"] == toy.STARTS["open "]
     assert json.loads((runs / "TIES" / "baselines_report.json").read_text())["method"] == "ties"
-    for plot in ("tradeoff.png", "gates.png"):
+    report = json.loads((runs / "band_5-16_lam-1.0" / "frism_report.json").read_text())
+    assert report["args"]["band"] == [5, 16] and report["args"]["no_train"]
+    for plot in ("tradeoff.png", "gates.png", "bands.png"):
         assert (tmp_path / plot).stat().st_size > 1000
     assert toy.main(["--dir", str(tmp_path), "--smoke", "--seeds", "2"]) == 0  # seed 0 reused
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == 2 and len(summary["per_seed"]) == 2
+
+
+def test_the_oracle_trains_only_gate_parameters_on_labelled_chains(trio, tmp_path):
+    """toy.py's oracle is frism.py's training loop with another objective: KL + cross-entropy on
+    VL-reasoning chains. It moves the gates, nothing else, and differently from Eq. 10."""
+    import toy
+    model, processor, gated, args = merged_model(trio, "--steps", "3", "--gate-init", "4")
+    chains = toy.reasoning_chains(processor, 8, seed=0)
+    assert all(c.question == toy.VL_REASONING_QUESTION and c.ids[-1] ==
+               processor.tokenizer.convert_tokens_to_ids("<|im_end|>") for c in chains)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
+    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+    objective = toy.oracle(chains, seed=0)(model, processor, gated)
+    batch, mask = frism.make_batch(processor, chains[:8], args.device)
+    targets = batch["input_ids"].roll(-1, dims=1)[mask]
+    assert torch.equal(targets, torch.tensor([t for c in chains[:8] for t in c.ids]))
+    frism.train(model, processor, gated, answers, args, objective)
+    after = model.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert any(not torch.all(l.g == 4.0) for l in gated.values())
+
+
+def test_a_band_injected_alone_is_eq7_with_its_gates_open_and_all_others_closed(trio, tmp_path):
+    assert cli(trio, tmp_path / "band", "--no-train", "--band", "2", "4", "--lam", "0.7"
+               ).returncode == 0
+    merged = tensors(tmp_path / "band")
+    model, _, gated, _ = merged_model(trio, "--lam", "0.7")
+    for layer in gated.values():
+        layer.g.data.fill_(-math.inf)
+        layer.g.data[1:4] = math.inf  # directions 2, 3 and 4 (1-based)
+    frism.fold(model, gated)
+    for key, value in model.state_dict().items():
+        if frism.DECODER_PATH.search(key):
+            on_disk = key.replace("model.language_model.", "model.")
+            torch.testing.assert_close(merged[on_disk], value, atol=1e-5, rtol=1e-4)
+    assert cli(trio, tmp_path / "x", "--no-train", "--band", "3", "2").returncode == 2
+
+
+def test_the_scan_rank_correlation_is_the_spearman_coefficient():
+    import toy
+    assert toy.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert toy.spearman([1, 2, 3, 4], [9, 7, 5, 1]) == pytest.approx(-1.0)
+    assert toy.spearman([1, 2, 3], [1, 1, 1]) == 0.0
+    # ranks 1, 2.5, 2.5, 4 against 1..4: the textbook value with a tie
+    assert toy.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+
+
+@pytest.mark.toy
+def test_the_scans_kl_rises_where_task_arithmetics_perception_falls(tmp_path):
+    """The lambda scan, validated where perception can be measured: over the miniature's Task
+    Arithmetic grid (seed 0), its label-free KL against TA's toy perception has a rank
+    correlation of -0.8 or below. Uses the world `python toy.py` cached, else builds one."""
+    import baselines
+    import toy
+    world = os.path.join(HERE, "toy_world", "seed-0", "world")
+    if not os.path.isfile(os.path.join(world, "done")):
+        world = str(tmp_path / "world")
+        toy.build_world(world, seed=0)
+    data = toy.write_benchmarks(str(tmp_path / "benchmarks"), 100, seed=1)
+    kl = toy.scan(world, data, str(tmp_path), smoke=False)
+    models = {}
+    for lam in toy.LAMBDAS:
+        models[f"TA {lam}"] = str(tmp_path / f"ta-{lam}")
+        assert baselines.main(["ta", "--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base",
+                               f"{world}/base", "--lam", str(lam), "--out",
+                               models[f"TA {lam}"]]) == 0
+    rows = toy.score(models, [data["perception"]], str(tmp_path / "scores.json"))
+    rho = toy.spearman([kl[name] for name in models], [rows[name]["perception"] for name in models])
+    assert rho <= -0.8, (kl, rows)
 
 
 def test_toy_tokenizer_gives_every_digit_one_token():

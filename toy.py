@@ -16,10 +16,12 @@ the one file of the method: this file only makes inputs for it and calls it.
 The tests use `build_tiny_trio` (random weights, seconds) and run this whole script with `--smoke`.
 """
 import argparse
+import functools
 import json
 import os
 import random
 import math
+import re
 import shutil
 import time
 import sys
@@ -194,10 +196,12 @@ SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 # stage is gentle (lr 1e-5): measured on seed 0, Task Arithmetic at lambda 1 answered 13 % of VL
 # reasoning after that stage at lr 1e-4, 26 % at 3e-5 and 50 % at 1e-5 (the ideal composition:
 # 53 %). A large VLM task vector of its own is what blocks composition in this world.
-STAGES = {"base": dict(steps=600, batch=32, lr=2e-3),
+# BASE ran 600 steps and the LRM 300 until the run had to fit 10 minutes cold on 2 cores; their
+# losses had levelled off by about 450 and 200 (seed 0), so they now stop there (ours, for time).
+STAGES = {"base": dict(steps=450, batch=32, lr=2e-3),
           "vision": dict(steps=600, batch=32, lr=2e-3),
           "vlm": dict(steps=100, batch=32, lr=1e-5),
-          "lrm": dict(steps=300, batch=24, lr=2e-4)}
+          "lrm": dict(steps=200, batch=24, lr=2e-4)}
 SMOKE = dict(steps=3, batch=4)
 
 
@@ -287,8 +291,12 @@ def image_batch(processor, rng, size):
     return batch, digits
 
 
+TIMES = {}  # seconds of each stage of the last run: the world, each merge, each scoring
+
+
 def fit(model, params, make_batch, stage, desc, extra_loss=None):
     """AdamW with a short warm-up and a cosine decay; returns the last loss."""
+    started = time.perf_counter()
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=stage["lr"], weight_decay=0.0)
     warmup = max(1, stage["steps"] // 20)
@@ -308,6 +316,7 @@ def fit(model, params, make_batch, stage, desc, extra_loss=None):
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    TIMES[f"world: {desc}"] = time.perf_counter() - started
     return loss.item()
 
 
@@ -417,41 +426,137 @@ def ideal_composition(world, out):
 # ----------------------------------------------------------------------------------------------
 
 # Every grid is fixed here, before any score was seen, and is the same for every seed.
-LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # Task Arithmetic
+LAMBDAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # Task Arithmetic, and STAR, selective, TSV's alpha
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4)  # IP-Merging's T, at lam 1
 # FRISM over alpha (as TA over lambda) and over its own lam, taken from the same lambda grid:
 # its gates start at sigmoid(0) = 0.5, i.e. at Task Arithmetic lam / 2, and can reach lam.
 FRISM_LAMS = (1.0, 2.0)
 ALPHAS = (0.1, 1.0)
+# Where the gates start: the paper's g = 0, and open (sigmoid(4) = 0.98, near TA at lam).
+STARTS = {"": 0.0, "open ": 4.0}
 FRISM_SETTINGS = ["--steps", "150", "--batch-size", "8", "--max-new-tokens", "16"]
+ORACLE_CHAINS = 256  # labelled VL-reasoning chains on fresh images, for the oracle only
+RANKS = (1, 4, 16, 64)  # truncated Task Arithmetic at lambda 1: the top k directions
+BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 128))  # injected alone, at each TA lambda
 SHOWN = (2.0, 0.1)  # the FRISM run whose gates are drawn (lam, alpha)
 MAX_NEW_TOKENS = 80  # the chain is 59 tokens and its end of turn: answers are scored complete
 
 
-def merges(world, runs, data, smoke):
-    """{row name: output directory}, each made anew by baselines.py or frism.py."""
+def reasoning_chains(processor, n, seed):
+    """The oracle's labels: VL-reasoning questions on fresh images with the worked chain as the
+    answer (drawn from a seed no benchmark uses), as frism.py's teacher items."""
+    import frism
+    rng = random.Random(10_000 + seed)
+    digits = [rng.randint(0, 9) for _ in range(n)]
+    return [frism.Answer(draw_digit(d, rng), VL_REASONING_QUESTION,
+                         processor.tokenizer(reason(d) + "<|im_end|>").input_ids) for d in digits]
+
+
+def oracle(chains, seed):
+    """The ceiling of subspace gating here (ours): the same gates, trained on FRISM's KL plus the
+    cross-entropy of labelled VL-reasoning chains, labels FRISM does not have. It is another
+    objective passed to frism.py's training loop: frism.main(argv, make_objective=oracle(...))."""
+    import torch.nn.functional as F
+    import frism
+
+    def make_objective(model, processor, gated):
+        data = frism.batches(chains, 8, seed)
+
+        def objective(kl, gated):
+            batch, mask = frism.make_batch(processor, next(data), model.device)
+            targets = batch["input_ids"].roll(-1, dims=1)[mask]  # the token each position predicts
+            return kl + F.cross_entropy(frism.answer_logits(model, batch, mask), targets)
+        return objective
+    return make_objective
+
+
+def plan(data, chains, seed, full, smoke):
+    """[(row name, program, argv)], every merge of one seed: the paper's comparison; --full adds
+    FRISM from open gates, the oracle, the three 2026 baselines over the lambda grid, truncated
+    Task Arithmetic and the bands. Every grid is fixed above."""
     import baselines
     import frism
+    steps = ["--steps", "2"] if smoke else []
+    rows = [(f"TA {lam}", baselines.main, ["ta", "--lam", str(lam)]) for lam in LAMBDAS]
+    rows += [("TIES", baselines.main, ["ties"]), ("DARE", baselines.main, ["dare"])]
+    rows += [(f"IP T={t}", baselines.main, ["ip", "--threshold", str(t)]) for t in THRESHOLDS]
+    starts = STARTS if full else {"": STARTS[""]}
+    rows += [(f"FRISM {start}lam={lam} alpha={alpha}", frism.main, FRISM_SETTINGS + [
+        "--lam", str(lam), "--alpha", str(alpha), "--gate-init", str(g0), "--data",
+        data["calib"]] + steps) for start, g0 in starts.items() for lam in FRISM_LAMS
+        for alpha in ALPHAS]
+    if full:
+        rows += [(f"oracle lam={lam}", functools.partial(frism.main, make_objective=oracle(
+            chains, seed)), FRISM_SETTINGS + ["--lam", str(lam), "--gate-init",
+                                              str(STARTS["open "]), "--data", data["calib"]]
+                  + steps) for lam in FRISM_LAMS]
+        for name, method in (("selective", "selective"), ("STAR", "star"), ("TSV", "tsv")):
+            knob = "--alpha" if method == "tsv" else "--lam"
+            rows += [(f"{name} {lam}", baselines.main, [method, knob, str(lam)]) for lam in LAMBDAS]
+        rows += [(f"TA top-{k}", frism.main, ["--no-train", "--rank", str(k)]) for k in RANKS]
+        rows += [(f"band {a}-{b} lam={lam}", frism.main, ["--no-train", "--band", str(a), str(b),
+                                                          "--lam", str(lam)])
+                 for a, b in BANDS for lam in LAMBDAS]
+    return rows
+
+
+def merges(world, runs, data, seed, full, smoke):
+    """{row name: output directory}, each made anew by baselines.py or frism.py."""
+    import baselines
+    from transformers import AutoProcessor
     trio = ["--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base", f"{world}/base"]
-    plan = [(f"TA {lam}", baselines.main, ["ta", "--lam", str(lam)]) for lam in LAMBDAS]
-    plan += [("TIES", baselines.main, ["ties"]), ("DARE", baselines.main, ["dare"])]
-    plan += [(f"IP T={t}", baselines.main, ["ip", "--threshold", str(t)]) for t in THRESHOLDS]
-    plan += [(f"FRISM lam={lam} alpha={alpha}", frism.main, FRISM_SETTINGS + [
-        "--lam", str(lam), "--alpha", str(alpha), "--data", data["calib"]] + (
-        ["--steps", "2"] if smoke else [])) for lam in FRISM_LAMS for alpha in ALPHAS]
+    chains = reasoning_chains(AutoProcessor.from_pretrained(f"{world}/vlm"),
+                              8 if smoke else ORACLE_CHAINS, seed)
     models = {"VLM": f"{world}/vlm"}
-    for name, main, args in plan:
+    for name, main, args in plan(data, chains, seed, full, smoke):
         out = os.path.join(runs, name.replace(" ", "_").replace("=", "-"))
         argv = args[:1] + trio + args[1:] if main is baselines.main else trio + args
+        started = time.perf_counter()
         if main(argv + ["--out", out, "--overwrite"]):
             raise SystemExit(f"{name}: the merge failed")
+        TIMES[f"merge {name}"] = time.perf_counter() - started
         models[name] = out
     return models
+
+
+def scan(world, data, runs, smoke):
+    """frism.py's label-free lambda scan over the TA grid, on the FRISM runs' calibration set."""
+    import frism
+    out = os.path.join(runs, "scan")
+    argv = ["--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base", f"{world}/base",
+            "--data", data["calib"], "--max-new-tokens", "16", "--batch-size", "8",
+            "--out", out, "--overwrite", "--scan", *map(str, LAMBDAS)]
+    if frism.main(argv):
+        raise SystemExit("the lambda scan failed")
+    with open(os.path.join(out, "frism_report.json")) as f:
+        return {f"TA {row['lam']}": row["kl"] for row in json.load(f)["scan"]}
+
+
+def spearman(x, y):
+    """Rank correlation of two equally long lists (ties get their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var else 0.0
 
 
 def score(models, benchmarks, out, smoke=False):
     """{row name: {benchmark: score}} and the share of answers cut by the token limit, by eval.py."""
     import eval as ev
+    started = time.perf_counter()
     limit = 4 if smoke else MAX_NEW_TOKENS
     report = ev.run(ev.parse_args(["--models", *models.values(), "--benchmarks", *benchmarks,
                                    "--out", out, "--max-new-tokens", str(limit),
@@ -462,6 +567,7 @@ def score(models, benchmarks, out, smoke=False):
         rows[name] = {b: r["score"] for b, r in results.items() if r is not None}
         cut = [p["hit_token_limit"] for r in results.values() if r for p in r["predictions"]]
         rows[name]["cut_by_limit"] = 100.0 * sum(cut) / max(len(cut), 1)
+    TIMES[f"scoring {os.path.basename(out)}"] = time.perf_counter() - started
     return rows
 
 
@@ -475,9 +581,10 @@ def world_check(world, data, runs, smoke=False):
     return {**text, **vision}
 
 
-def one_seed(root, seed, items, smoke, rebuild):
+def one_seed(root, seed, items, smoke, rebuild, full=False):
     """Build (or reuse) the world of one seed, check it, merge it every way, score everything."""
     world, runs = os.path.join(root, "world"), os.path.join(root, "runs")
+    TIMES.clear()
     if rebuild or not os.path.isfile(os.path.join(world, "done")):
         shutil.rmtree(world, ignore_errors=True)
         build_world(world, smoke=smoke, seed=seed)
@@ -487,9 +594,16 @@ def one_seed(root, seed, items, smoke, rebuild):
     check = world_check(world, data, runs, smoke)
     print_table("World check", check, ("text_reasoning", "marker_reasoning", "perception",
                                        "vl_reasoning"))
-    models = merges(world, runs, data, smoke)
+    started = time.perf_counter()
+    kl = scan(world, data, runs, smoke)
+    TIMES["lambda scan"] = time.perf_counter() - started
+    models = merges(world, runs, data, seed, full, smoke)
     rows = score(models, [data["perception"], data["vl_reasoning"]], f"{runs}/results.json", smoke)
-    summary = {"seed": seed, "world_check": check, "rows": rows, "models": models}
+    for name, value in kl.items():
+        rows[name]["scan_kl"] = value
+    summary = {"seed": seed, "world_check": check, "rows": rows, "models": models,
+               "scan_spearman": spearman([kl[n] for n in kl], [rows[n]["perception"] for n in kl]),
+               "seconds": dict(TIMES)}
     with open(os.path.join(runs, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -518,16 +632,31 @@ def cell(value):
 def print_table(title, rows, columns):
     names = {"text_reasoning": "text form", "marker_reasoning": "marker form",
              "perception": "perception", "vl_reasoning": "VL reasoning",
-             "cut_by_limit": "cut (%)"}
+             "cut_by_limit": "cut (%)", "scan_kl": "scan KL"}
     width = max(len(n) for n in rows) + 2
     print(f"\n{title}\n{'model':{width}s}" + "".join(f"{names[c]:>20s}" for c in columns))
     for name, row in rows.items():
         print(f"{name:{width}s}" + "".join(f"{cell(row.get(c)):>20s}" for c in columns))
 
 
+def print_times(summaries):
+    """Where the time went, per seed: each stage of the world (when it was built), the lambda
+    scan, each merge (grouped by kind), each scoring."""
+    for s in summaries:
+        groups = {}
+        for name, seconds in s["seconds"].items():
+            key = re.sub(r" [\d.=-]+|[=-][\d.]+", "", name) if name.startswith("merge ") else name
+            count, total = groups.get(key, (0, 0.0))
+            groups[key] = (count + 1, total + seconds)
+        print(f"\nTime, seed {s['seed']} ({sum(s['seconds'].values()):.0f} s in all)")
+        for key, (count, total) in groups.items():
+            print(f"  {key:55s} {total:7.1f} s" + (f"  ({count} runs)" if count > 1 else ""))
+
+
 def plot(table, check, summaries, out_dir):
-    """The paper's Fig. 2 in miniature (every method, min-max over seeds as error bars), and the
-    gates of one FRISM run: which subspaces closed."""
+    """The paper's Fig. 2 in miniature (every method, min-max over seeds as error bars), its
+    Fig. 3 in miniature (bands of singular directions against lambda, with --full), and the gates:
+    which subspaces FRISM opened, against where the oracle put them."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -535,84 +664,144 @@ def plot(table, check, summaries, out_dir):
     except ImportError:
         print("matplotlib is not installed: no plots.")
         return []
-    paths = [os.path.join(out_dir, "tradeoff.png"), os.path.join(out_dir, "gates.png")]
-    fig, ax = plt.subplots(figsize=(7, 5))
+    paths = [tradeoff_plot(plt, table, check, len(summaries), out_dir)]
+    if f"band 1-1 lam={LAMBDAS[0]}" in table:
+        paths.append(bands_plot(plt, table, len(summaries), out_dir))
+    paths.append(gates_plot(plt, summaries, out_dir))
+    return paths
 
-    def series(names, style, color, label, labels=None):
-        points = [table[n] for n in names]
-        x, y = [p["perception"][0] for p in points], [p["vl_reasoning"][0] for p in points]
-        xerr = [[p["perception"][0] - p["perception"][1] for p in points],
-                [p["perception"][2] - p["perception"][0] for p in points]]
-        yerr = [[p["vl_reasoning"][0] - p["vl_reasoning"][1] for p in points],
-                [p["vl_reasoning"][2] - p["vl_reasoning"][0] for p in points]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=style, color=color, label=label, capsize=2,
-                    markersize=8)
-        for xi, yi, text in zip(x, y, labels or []):
-            ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=color)
 
-    series([f"TA {lam}" for lam in LAMBDAS], "o-", "tab:blue", "Task Arithmetic",
-           [f"λ={lam}" for lam in LAMBDAS])
-    series([f"IP T={t}" for t in THRESHOLDS], "^-", "tab:green", "IP-Merging",
-           [f"T={t}" for t in THRESHOLDS])
-    series(["TIES"], "D", "tab:purple", "TIES-Merging")
-    series(["DARE"], "v", "tab:brown", "DARE")
-    for lam, color in zip(FRISM_LAMS, ("tab:red", "tab:orange")):
-        series([f"FRISM lam={lam} alpha={a}" for a in ALPHAS], "*-", color, f"FRISM, lam {lam}",
-               [f"α={a}" for a in ALPHAS])
-    series(["VLM"], "s", "gray", "VLM alone")
-    ceiling = check["ideal"]
-    ax.axhline(ceiling["vl_reasoning"][0], color="gray", ls=":", lw=1,
-               label="ideal composition (ceiling)")
+def errorbars(ax, table, names, style, color, label, labels=None, x="perception",
+              y="vl_reasoning"):
+    points = [table[n] for n in names]
+    xs, ys = ([p[c][0] for p in points] if isinstance(c, str) else list(c) for c in (x, y))
+    err = lambda c: None if not isinstance(c, str) else [[p[c][0] - p[c][1] for p in points],
+                                                          [p[c][2] - p[c][0] for p in points]]
+    ax.errorbar(xs, ys, xerr=err(x), yerr=err(y), fmt=style, color=color, label=label,
+                capsize=2, markersize=7)
+    for xi, yi, text in zip(xs, ys, labels or []):
+        ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                    color=color)
+
+
+def tradeoff_plot(plt, table, check, seeds, out_dir):
+    fig, ax = plt.subplots(figsize=(8, 6))
+    errorbars(ax, table, [f"TA {lam}" for lam in LAMBDAS], "o-", "tab:blue", "Task Arithmetic",
+              [f"λ={lam}" for lam in LAMBDAS])
+    errorbars(ax, table, [f"IP T={t}" for t in THRESHOLDS], "^-", "tab:green", "IP-Merging",
+              [f"T={t}" for t in THRESHOLDS])
+    errorbars(ax, table, ["TIES"], "D", "tab:purple", "TIES-Merging")
+    errorbars(ax, table, ["DARE"], "v", "tab:brown", "DARE")
+    for name, color in (("selective", "tab:olive"), ("STAR", "tab:cyan"), ("TSV", "tab:pink")):
+        if f"{name} {LAMBDAS[0]}" in table:
+            errorbars(ax, table, [f"{name} {lam}" for lam in LAMBDAS], "x--", color,
+                      f"{name} (λ grid)" if name != "TSV" else "TSV (α grid)")
+    colors = {("", 1.0): "tab:red", ("", 2.0): "tab:orange", ("open ", 1.0): "darkred",
+              ("open ", 2.0): "darkorange"}
+    for (start, lam), color in colors.items():
+        if f"FRISM {start}lam={lam} alpha={ALPHAS[0]}" not in table:
+            continue
+        errorbars(ax, table, [f"FRISM {start}lam={lam} alpha={a}" for a in ALPHAS],
+                  "*-" if not start else "P:", color, f"FRISM{', open start' if start else ''}, "
+                  f"lam {lam}", [f"α={a}" for a in ALPHAS])
+    if f"oracle lam={FRISM_LAMS[0]}" in table:
+        errorbars(ax, table, [f"oracle lam={lam}" for lam in FRISM_LAMS], "*", "black",
+                  "oracle: the same gates trained WITH labels",
+                  [f"lam {lam}" for lam in FRISM_LAMS])
+    errorbars(ax, table, ["VLM"], "s", "gray", "VLM alone")
+    ax.axhline(check["ideal"]["vl_reasoning"][0], color="gray", ls=":", lw=1,
+               label="ideal composition")
     ax.set_xlabel("toy perception accuracy (%)")
     ax.set_ylabel("toy VL reasoning accuracy (%)")
-    ax.set_title(f"Reasoning against perception (toy world, {len(summaries)} seed(s))")
-    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"Reasoning against perception (toy world, {seeds} seed(s))")
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    path = os.path.join(out_dir, "tradeoff.png")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
-    import frism
+
+def bands_plot(plt, table, seeds, out_dir):
+    """Each band of singular directions injected alone in every layer, against lambda."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    colors = plt.cm.viridis([i / len(BANDS) for i in range(len(BANDS))])
+    for (a, b), color in zip(BANDS, colors):
+        names = [f"band {a}-{b} lam={lam}" for lam in LAMBDAS]
+        for ax, column in zip(axes, ("perception", "vl_reasoning")):
+            errorbars(ax, table, names, "o-", color, f"directions {a}-{b}", x=LAMBDAS, y=column)
+    for ax, column in zip(axes, ("perception", "vl_reasoning")):
+        errorbars(ax, table, [f"TA {lam}" for lam in LAMBDAS], "o--", "black", "all (TA)",
+                  x=LAMBDAS, y=column)
+        ax.set_xlabel("lambda")
+        ax.set_ylabel(f"toy {column.replace('_', ' ')} (%)")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("perception, one band injected")
+    axes[1].set_title("VL reasoning, one band injected")
+    errorbars(axes[2], table, [f"TA top-{k}" for k in RANKS], "o-", "tab:blue", "perception",
+              x=RANKS, y="perception")
+    errorbars(axes[2], table, [f"TA top-{k}" for k in RANKS], "s-", "tab:red", "VL reasoning",
+              x=RANKS, y="vl_reasoning")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("k (top-k directions of every layer), lambda 1")
+    axes[2].set_title("truncated Task Arithmetic")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"Which singular directions do what (toy world, {seeds} seed(s))")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bands.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def saved_gates(run):
     from safetensors.torch import load_file
-    shown = summaries[0]["models"][f"FRISM lam={SHOWN[0]} alpha={SHOWN[1]}"]
-    gates = {key.removesuffix(".g"): g for key, g in load_file(
-        os.path.join(shown, "frism_gates.safetensors")).items() if key.endswith(".g")}
-    world = os.path.dirname(summaries[0]["models"]["VLM"])
-    # the singular values, recomputed from the task vectors (the gates file holds g only)
-    decoder_path = {frism.DECODER_PATH.search(path + ".weight").group(1): path for path in gates}
-    S = {decoder_path[name]: torch.linalg.svdvals(tau) for name, tau in frism.task_vectors(
-        frism.safetensors_index(f"{world}/lrm", "--lrm"),
-        frism.safetensors_index(f"{world}/base", "--base"), decoder_path)}
+    return {key.removesuffix(".g"): torch.sigmoid(g) for key, g in load_file(
+        os.path.join(run, "frism_gates.safetensors")).items() if key.endswith(".g")}
+
+
+def gates_plot(plt, summaries, out_dir):
+    """Left: every gate of one FRISM run. Right: per band, the mean gate of FRISM from each start
+    and of the oracle at the same lam, over the seeds."""
+    models = summaries[0]["models"]
+    gates = saved_gates(models[f"FRISM lam={SHOWN[0]} alpha={SHOWN[1]}"])
     names = sorted(gates, key=lambda p: (int(p.split(".layers.")[1].split(".")[0]),
                                          MERGED_ORDER.index(p.rsplit(".", 1)[1])))
-    width = max(len(g) for g in gates.values())
-    grid = torch.full((len(names), width), float("nan"))
+    grid = torch.full((len(names), max(len(g) for g in gates.values())), float("nan"))
     for row, path in enumerate(names):
-        grid[row, :len(gates[path])] = torch.sigmoid(gates[path])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 6), gridspec_kw={"width_ratios": [3, 1]})
+        grid[row, :len(gates[path])] = gates[path]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [3, 2]})
     image = left.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                         interpolation="nearest")
     left.set_yticks(range(len(names)), [f"L{p.split('.layers.')[1].split('.')[0]} "
                                         f"{p.rsplit('.', 1)[1]}" for p in names], fontsize=6)
     left.set_xlabel("singular direction (descending S; k and v have fewer)")
-    left.set_title(f"gate sigmoid(g), FRISM lam {SHOWN[0]}, alpha {SHOWN[1]}")
+    left.set_title(f"sigmoid(g), FRISM lam {SHOWN[0]}, alpha {SHOWN[1]}, seed {summaries[0]['seed']}")
     fig.colorbar(image, ax=left, fraction=0.03)
-    energy = {}
-    for path in names:
-        kind = path.rsplit(".", 1)[1]
-        s, total = torch.sigmoid(gates[path]) * S[path], S[path]
-        injected, whole = energy.get(kind, (0.0, 0.0))
-        energy[kind] = (injected + (s ** 2).sum().item(), whole + (total ** 2).sum().item())
-    right.barh(list(energy), [a / b for a, b in energy.values()], color="tab:red")
-    right.axvline(0.25, color="gray", ls=":", lw=1)  # where every gate starts: sigmoid(0)^2
-    right.set_xlim(0, 1)
-    right.invert_yaxis()
-    right.set_xlabel("injected-energy fraction")
-    right.set_title("per projection (start: 0.25)")
+    runs = {f"FRISM (paper start), α {SHOWN[1]}": f"FRISM lam={SHOWN[0]} alpha={SHOWN[1]}",
+            f"FRISM (open start), α {SHOWN[1]}": f"FRISM open lam={SHOWN[0]} alpha={SHOWN[1]}",
+            "oracle (labels)": f"oracle lam={SHOWN[0]}"}
+    runs = {label: row for label, row in runs.items() if row in models}
+    width = 0.8 / len(runs)
+    for i, (label, row) in enumerate(runs.items()):
+        means = []
+        for a, b in BANDS:  # mean gate of the band's directions, over layers and seeds
+            values = torch.cat([g[a - 1:b] for s in summaries
+                                for g in saved_gates(s["models"][row]).values()])
+            means.append(values.mean().item() if len(values) else float("nan"))
+        right.bar([k + i * width for k in range(len(BANDS))], means, width, label=label)
+    right.set_xticks([k + width for k in range(len(BANDS))], [f"{a}-{b}" for a, b in BANDS])
+    right.set_xlabel("singular directions (band)")
+    right.set_ylabel("mean sigmoid(g)")
+    right.set_ylim(0, 1)
+    right.axhline(0.5, color="gray", ls=":", lw=1)
+    right.set_title(f"how far the gates opened, lam {SHOWN[0]} ({len(summaries)} seed(s))")
+    right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=110)
+    path = os.path.join(out_dir, "gates.png")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
 
 
 MERGED_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -629,19 +818,26 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="a few steps of everything: checks the pipeline, shows nothing")
     p.add_argument("--items", type=int, default=100, help="items per toy benchmark")
+    p.add_argument("--full", action="store_true", help="also the bands of singular directions, "
+                   "truncated Task Arithmetic by rank, and selective, STAR and TSV over the "
+                   "lambda grid (about 60 more merges)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.items < 1:
         p.error("--seeds and --items must be positive")
     started = time.time()
     summaries = [one_seed(os.path.join(args.dir, f"seed-{seed}"), seed, args.items, args.smoke,
-                          args.rebuild) for seed in range(args.seeds)]
+                          args.rebuild, args.full) for seed in range(args.seeds)]
     check, table = spread(summaries, "world_check"), spread(summaries, "rows")
     print_table(f"World check ({args.seeds} seed(s); mean, min-max in brackets)", check,
                 ("text_reasoning", "marker_reasoning", "perception", "vl_reasoning"))
     print_table(f"Merges ({args.seeds} seed(s); mean, min-max in brackets)", table,
-                ("perception", "vl_reasoning", "cut_by_limit"))
-    summary = {"seeds": args.seeds, "items": args.items, "world_check": check, "rows": table,
-               "per_seed": summaries}
+                ("perception", "vl_reasoning", "cut_by_limit", "scan_kl"))
+    rho = [s["scan_spearman"] for s in summaries]
+    print(f"\nLambda scan: rank correlation of its KL with TA's perception over the TA grid, per "
+          f"seed: {', '.join(f'{r:.2f}' for r in rho)}")
+    print_times(summaries)
+    summary = {"seeds": args.seeds, "items": args.items, "full": args.full, "world_check": check,
+               "rows": table, "scan_spearman": rho, "per_seed": summaries}
     with open(os.path.join(args.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for path in plot(table, check, summaries, args.dir):
