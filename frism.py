@@ -14,9 +14,10 @@ The paper, and where each part of it is in this file, in the order the file read
            Eq. 7 evaluated once: a plain nn.Linear again                  fold
   (TA)     every gate open: W = W_vlm + lam * tau, Task Arithmetic        task_arithmetic
 
-A reader who stops at the banner "The program around the method" has read all of FRISM. Below
-it: command line, input checks, calibration data, the lambda scan, the dry-run memory plan,
-saving (model card included), signals and main. Lines marked "ours" implement a choice the paper
+A reader who stops at the banner "The program around the method" has read every step of FRISM.
+Below it: command line, input checks, calibration data, speed and memory options, the lambda
+scan, the dry-run memory plan, saving (model card included), the run that calls the steps in
+order (run, subspace_merge), signals and main. Lines marked "ours" implement a choice the paper
 leaves open; README.md lists them all.
 
     python frism.py --vlm Qwen/Qwen2.5-VL-7B-Instruct \\
@@ -388,7 +389,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.1, help="weight of L_inject in Eq. 10 "
                    "(ours: the paper does not publish it; measured in toy.py, see README)")
     p.add_argument("--gate-init", type=float, default=0.0, help="initial logit of every gate "
-                   "(paper: 0, half open; a larger value starts nearer Task Arithmetic at lam)")
+                   "(paper: 0, half open; the flag is ours, for the ablation: a larger value "
+                   "starts nearer Task Arithmetic at lam)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps on the gates (ours)")
     p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates (ours)")
     p.add_argument("--batch-size", type=int, default=4, help="questions per forward pass (ours)")
@@ -403,9 +405,9 @@ def parse_args(argv=None):
     p.add_argument("--no-train", action="store_true", help="skip training and open every gate: "
                    "Task Arithmetic W = W_vlm + lam * tau (truncated to --rank if given)")
     p.add_argument("--scan", type=float, nargs="+", metavar="LAM", help="no training, no model: "
-                   "print Task Arithmetic's KL to the VLM (Eq. 8, every gate open) at each LAM on "
-                   "the teacher's calibration answers, to choose --lam; with --out, the table "
-                   "goes to OUT/frism_report.json")
+                   "print Task Arithmetic's KL to the VLM (Eq. 8, every gate open; truncated "
+                   "with --rank) at each LAM on the teacher's calibration answers, to choose "
+                   "--lam (ours); with --out, the table goes to OUT/frism_report.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs")
     p.add_argument("--device-map", default=None, help="e.g. auto: spread the VLM over every GPU "
@@ -1077,7 +1079,8 @@ def frism_card(args, command, stats, history):
         mean = sum(s["mean"] * s["rank"] for s in stats.values() if s["rank"]) / ranks
         open_ = sum(s["open"] * s["rank"] for s in stats.values() if s["rank"]) / ranks
         figures = [f"{len(stats)} gated layers, {ranks} gates: mean sigmoid(g) {mean:.3f}, "
-                   f"{100 * open_:.1f} % above 0.5 (all start at {1 / (1 + math.exp(-args.gate_init)):.2f}).",
+                   f"{100 * open_:.1f} % above 0.5 (all start at "
+                   f"{torch.sigmoid(torch.tensor(args.gate_init)).item():.2f}).",
                    f"Injected spectral energy at the end of training: {history[-1]['injected']:.3f} "
                    f"of the task vectors' (final KL to the VLM {history[-1]['kl']:.4f})."]
     return model_card(args.vlm, args.lrm, args.base, "frism", FRISM_PAPER, settings, figures,
