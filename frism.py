@@ -297,6 +297,12 @@ def batches(items, size, seed):
             yield [items[j] for j in order[i:i + size]]
 
 
+def mean_gate(gated):
+    """What the progress bar shows: the mean of sigmoid(g) over every gate."""
+    gates = torch.cat([torch.sigmoid(layer.g.detach()).flatten() for layer in gated.values()])
+    return gates.mean().item()
+
+
 def train(model, processor, gated, answers, args, objective=None):
     """Minimise the objective (Eq. 10 unless a fork passes another) over the gated layers'
     parameters; returns the loss curve."""
@@ -780,11 +786,6 @@ def checkpointing(model, on=True):
     finally:
         model.activation_checkpointing_disable()
         model.eval()
-
-
-def mean_gate(gated):
-    gates = torch.cat([torch.sigmoid(layer.g.detach()).flatten() for layer in gated.values()])
-    return gates.mean().item()
 
 
 def frugal_host_memory():

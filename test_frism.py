@@ -532,6 +532,8 @@ def test_toy_world_runs_end_to_end(tmp_path):
     assert json.loads((runs / "TIES" / "baselines_report.json").read_text())["method"] == "ties"
     report = json.loads((runs / "band_5-16_lam-1.0" / "frism_report.json").read_text())
     assert report["args"]["band"] == [5, 16] and report["args"]["no_train"]
+    report = json.loads((runs / "TA_top-4" / "frism_report.json").read_text())
+    assert report["args"]["rank"] == 4 and report["args"]["lam"] == 1.0  # as the plot says
     for plot in ("tradeoff.png", "gates.png", "bands.png"):
         assert (tmp_path / plot).stat().st_size > 1000
     assert toy.main(["--dir", str(tmp_path), "--smoke", "--seeds", "2"]) == 0  # seed 0 reused
