@@ -1066,10 +1066,14 @@ FRISM_PAPER = ("FRISM, subspace-level merging with one learned gate per singular
 
 
 def frism_card(args, command, stats, history):
+    split = "" if args.data.endswith(".jsonl") else f" (split {args.data_split})"
     settings = {"lambda (--lam)": args.lam, "alpha (--alpha)": args.alpha,
-                "steps": 0 if args.no_train else args.steps, "rank": args.rank or "all",
+                "gate start (--gate-init)": args.gate_init,
+                "steps": 0 if args.no_train else args.steps,
+                "directions": f"{args.band[0]}-{args.band[1]}" if args.band else
+                f"top {args.rank}" if args.rank else "all",
                 "calibration data": "none (--no-train)" if args.no_train else
-                f"{args.data} ({args.data_split}), {args.num_samples} questions at most"}
+                f"{args.data}{split}, at most {args.num_samples} questions"}
     if args.no_train:
         figures = [f"Task Arithmetic: every gate open, W = W_vlm + {args.lam} * tau"
                    + (f" (top {args.rank} directions)" if args.rank else "")
