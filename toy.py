@@ -680,6 +680,13 @@ def plot(table, check, summaries, out_dir):
     return paths
 
 
+def saved(plt, fig, path, dpi):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def errorbars(ax, table, names, style, color, label, labels=None, x="perception",
               y="vl_reasoning"):
     points = [table[n] for n in names]
@@ -724,11 +731,7 @@ def tradeoff_plot(plt, table, check, seeds, out_dir):
     ax.set_ylabel("toy VL reasoning accuracy (%)")
     ax.set_title(f"Reasoning against perception (toy world, {seeds} seed(s))")
     ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "tradeoff.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return saved(plt, fig, os.path.join(out_dir, "tradeoff.png"), 120)
 
 
 def bands_plot(plt, table, seeds, out_dir):
@@ -756,11 +759,7 @@ def bands_plot(plt, table, seeds, out_dir):
     axes[2].set_title("truncated Task Arithmetic")
     axes[2].legend(fontsize=7)
     fig.suptitle(f"Which singular directions do what (toy world, {seeds} seed(s))")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "bands.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return saved(plt, fig, os.path.join(out_dir, "bands.png"), 110)
 
 
 def saved_gates(run):
@@ -807,11 +806,7 @@ def gates_plot(plt, summaries, out_dir):
     right.set_ylim(0.5, 1)  # every gate here ends above the paper's start, 0.5
     right.set_title(f"mean gate per band, lam {lam} ({len(summaries)} seed(s))")
     right.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "gates.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return saved(plt, fig, os.path.join(out_dir, "gates.png"), 110)
 
 
 MERGED_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
