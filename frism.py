@@ -134,11 +134,11 @@ def set_module(model, path, module):
 def inject(model, lrm_index, base_index, args):
     """Stage 1 and Eq. 7: every merged nn.Linear of the VLM becomes a GatedLinear, one at a time;
     {module path: GatedLinear}."""
-    layers, gated = decoder_layers(model), {}
+    layers, gated, keep = decoder_layers(model), {}, kept_directions(args)
     taus = task_vectors(lrm_index, base_index, list(layers))
     for name, tau in tqdm(taus, total=len(layers), desc="SVD of task vectors"):
         path, linear = layers[name]
-        U, S, Vh = decompose(tau, kept_directions(args), linear.weight.device)  # on its device
+        U, S, Vh = decompose(tau, keep, linear.weight.device)  # with its layer, on its device
         del tau  # ours: nothing but the frozen factors outlives this loop
         gated[path] = GatedLinear(linear, U, S, Vh, args.lam, args.gate_init)
         set_module(model, path, gated[path])
