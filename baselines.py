@@ -154,6 +154,7 @@ class Method(NamedTuple):
     paper: str
     defaults: dict  # flag -> default; these flags, and only these, are the method's own
     defaults_from: str = "ours"
+    helps: dict = {}  # flag -> this method's own help text, where FLAGS' shared one does not fit
 
 
 METHODS = {
@@ -164,33 +165,41 @@ METHODS = {
     "ties": Method(lambda W_vlm, W_base, tau, o: ties(W_base, W_vlm - W_base, tau, o.lam,
                                                       o.density),
                    "TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean.",
-                   dict(lam=1.0, density=0.2), "density 0.2: the TIES paper's top-20 %"),
+                   dict(lam=1.0, density=0.2), "density 0.2: the TIES paper's top-20 %",
+                   helps=dict(lam="weight of the LRM's trimmed task vector in the disjoint mean",
+                              density="fraction of each task vector's entries kept by the trim")),
     "dare": Method(lambda W_vlm, W_base, tau, o: dare(W_vlm, tau, o.lam, o.density, o.generator),
                    "DARE (Yu et al., ICML 2024): random drop of tau's entries, rescaled.",
                    dict(lam=1.0, density=0.1, seed=0), "density 0.1, ours: DARE's paper drops "
-                   "90 % and more of SFT task vectors without loss"),
+                   "90 % and more of SFT task vectors without loss",
+                   helps=dict(density="probability that an entry of tau is kept")),
     "ip": Method(lambda W_vlm, W_base, tau, o: ip_merging(W_vlm, W_vlm - W_base, tau, o.lam,
                                                           o.threshold, o.ip_rank),
                  "IP-Merging (Hu et al., NeurIPS 2025): identify, project, rescale.",
                  dict(lam=1.0, threshold=0.4, ip_rank=1024),
-                 "T 0.4 and k 1024: the authors' early public code"),
+                 "T 0.4 and k 1024: the authors' early public code",
+                 helps=dict(lam="weight of the projected, rescaled update")),
     "selective": Method(lambda W_vlm, W_base, tau, o: selective(W_vlm, tau, o.lam, o.rank),
                         "Selective transfer (Ji et al. 2026): rank-k tau rescaled to its "
                         "Frobenius norm.", dict(lam=0.05, rank=1),
-                        "lam 0.05 and k 1: the authors' values for Qwen3-VL-8B"),
+                        "lam 0.05 and k 1: the authors' values for Qwen3-VL-8B",
+                        helps=dict(lam="weight of the rank-k update, rescaled to tau's norm")),
     "star": Method(lambda W_vlm, W_base, tau, o: star(W_vlm, tau, o.lam, o.eta),
                    "STAR (Lee et al., NAACL 2025): spectral truncation and nuclear-norm rescale.",
-                   dict(lam=1.0, eta=40.0), "eta 40: the authors' default; lam 1: ours"),
+                   dict(lam=1.0, eta=40.0), "eta 40: the authors' default; lam 1: ours",
+                   helps=dict(lam="weight of the truncated update, rescaled to tau's nuclear "
+                              "norm")),
     "tsv": Method(lambda W_vlm, W_base, tau, o: tsv(W_base, W_vlm - W_base, tau, o.alpha),
                   "TSV-Merge (Gargiulo et al., CVPR 2025): task singular vectors, decorrelated.",
                   dict(alpha=1.0), "alpha 1: ours; the authors select it on validation data "
-                  "between 0.1 and 3"),
+                  "between 0.1 and 3", helps=dict(alpha="scale of the merged task matrix of "
+                                                  "both task vectors (the authors tune it in 0.1-3)")),
 }
 
 # Every flag a rule may read: (type, help, the test a value must pass, what that test says).
 FLAGS = {
     "lam": (float, "weight of the LRM's task vector", math.isfinite, "a finite number"),
-    "density": (float, "ties: fraction of each task vector kept; dare: keep probability",
+    "density": (float, "fraction of the task vector's entries kept",
                 lambda v: 0 < v <= 1, "in (0, 1]"),
     "seed": (int, "seed of the random masks", lambda v: True, "an integer"),
     "threshold": (float, "a layer is merged only if its max |cosine| reaches this",
@@ -199,8 +208,7 @@ FLAGS = {
     "rank": (int, "singular directions kept (k)", lambda v: v >= 1, "a positive integer"),
     "eta": (float, "percent of the nuclear norm the kept directions reach",
             lambda v: 0 < v <= 100, "in (0, 100]"),
-    "alpha": (float, "scale of the merged task matrix (the authors tune it in 0.1-3)",
-              math.isfinite, "a finite number"),
+    "alpha": (float, "scale of the merged update", math.isfinite, "a finite number"),
 }
 
 
@@ -213,19 +221,20 @@ def parse_args(argv=None):
                         "exist or be empty, unless --overwrite)")
     common.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs (cuda if available)")
+                        help="where the model runs")
     common.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="working dtype (default: bfloat16 on GPU, float32 on CPU)")
+                        help="working dtype; if not given, bfloat16 on GPU, float32 on CPU")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     methods = p.add_subparsers(dest="method", required=True, metavar="method",
                                help=", ".join(METHODS))
     for name, method in METHODS.items():
-        sub = methods.add_parser(name, parents=[common], help=method.paper,
+        sub = methods.add_parser(name, parents=[common], help=method.paper, allow_abbrev=False,
                                  description=f"{method.paper} Defaults: {method.defaults_from}.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=frism.HelpWithDefaults)
         for flag, default in method.defaults.items():
             kind, text, _, _ = FLAGS[flag]
-            sub.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=default, help=text)
+            sub.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=default,
+                             help=method.helps.get(flag, text))
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     return args

@@ -52,9 +52,13 @@ class InputError(Exception):
 
 def check_model_name(name):
     """A local directory, or something shaped like a hub id ("org/name"): else one clear error."""
-    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
-                                    or name.count("/") != 1):
-        raise InputError(f"--models {name!r} is not a model directory or a hub id.")
+    if os.path.isdir(name):
+        return
+    if os.path.exists(name):
+        raise InputError(f"--models {name!r} is a file, not a model directory.")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise InputError(f"--models {name!r} does not exist, and it is not shaped like a hub id "
+                         f"(org/name).")
 
 
 def check_checkpoint(name):
@@ -601,14 +605,24 @@ def table(all_results, kinds):
     return "\n".join(lines)
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, except where there is none to show (None, or off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     p.add_argument("--models", nargs="+", required=True,
                    help="model directories or hub ids (VLMs, or text-only LLMs)")
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS),
                    help="names, NAME=PATH for a local copy, or .jsonl files")
-    p.add_argument("--limit", type=int, default=None, help="at most N items per benchmark")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N items per benchmark; if not given, every item")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="generation limit (reasoning models think at length: raise it if the "
@@ -621,9 +635,10 @@ def parse_args(argv=None):
                    "rewritten after every model and benchmark")
     p.add_argument("--resume", action="store_true", help="keep the (model, benchmark) results "
                    "already in --out and run only the missing ones")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the models run")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
+                   help="working dtype; if not given, bfloat16 on GPU, float32 on CPU")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     return args
@@ -636,7 +651,8 @@ SCORED_WITH = ("limit", "max_new_tokens", "max_pixels", "system", "dtype")
 def check_args(args):
     for flag in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+            raise InputError(f"--{flag.replace('_', '-')} must be a positive integer, not "
+                             f"{getattr(args, flag)}.")
     if args.max_pixels < 28 * 28:
         raise InputError("--max-pixels must be at least 784 (one 28 x 28 patch).")
     for name in args.models:
@@ -648,6 +664,9 @@ def check_args(args):
 def previous_report(args):
     """The report --resume continues, or a fresh one."""
     fresh = {"settings": vars(args), "kinds": {}, "averages": {}, "results": {}, "failed": {}}
+    if args.resume and not os.path.exists(args.out):
+        print(f"eval.py: --resume: {args.out!r} does not exist yet; scoring everything.",
+              file=sys.stderr)
     if not args.resume or not os.path.exists(args.out):
         return fresh
     try:

@@ -9,16 +9,18 @@ The paper, and where each part of it is in this file, in the order the file read
   Eq. 8    L_distill = KL(p_vlm || p_merged) on perception data, with     teacher_answers,
            the teacher = the VLM (every delta off), no labels             distill_loss
   Eq. 9    L_inject = - sum_l ||sigmoid(g^l) * S^l||^2, normalised        inject_loss
-  Eq. 10   L = L_distill + alpha * L_inject                               eq10
+  Eq. 10   L = L_distill + alpha * L_inject, a function of one training   eq10 (Step, and
+           step; other objectives sit beside it in one table              OBJECTIVES)
            only the gates are trained                                     train
            Eq. 7 evaluated once: a plain nn.Linear again                  fold
-  (TA)     every gate open: W = W_vlm + lam * tau, Task Arithmetic        task_arithmetic
+           every step above, in order                                     subspace_merge
 
-A reader who stops at the banner "The program around the method" has read every step of FRISM.
-Below it: command line, input checks, calibration data, speed and memory options, the lambda
-scan, the dry-run memory plan, saving (model card included), the run that calls the steps in
-order (run, subspace_merge), signals and main. Lines marked "ours" implement a choice the paper
-leaves open; README.md lists them all.
+A reader who stops at the banner "The program around the method" has read every step of FRISM,
+and the two speed options of its training loop (a cache of the teacher's log-probs, gradient
+checkpointing), which change no result. Below the banner: Task Arithmetic (--no-train), command
+line, input checks, calibration data, the lambda scan, the dry-run memory plan, saving (model
+card included), the run, signals and main. Lines marked "ours" implement a choice the paper
+leaves open; docs/choices.md lists them all.
 
     python frism.py --vlm Qwen/Qwen2.5-VL-7B-Instruct \\
                     --lrm deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --base Qwen/Qwen2.5-Math-7B \\
@@ -27,6 +29,8 @@ leaves open; README.md lists them all.
 import argparse
 import contextlib
 import ctypes
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,7 +45,7 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +58,10 @@ MERGED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn
           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 DECODER_PATH = re.compile(r"(?:^|\.)(layers\.\d+\.(?:%s))\.weight$" % "|".join(
     re.escape(m) for m in MERGED))  # "layers.3.mlp.up_proj", whatever the checkpoint's prefix
+
+
+class InputError(Exception):
+    """A problem with what the user asked for: the program reports it as one sentence, exit 2."""
 
 
 # ==============================================================================================
@@ -76,6 +84,13 @@ def task_vectors(lrm_index, base_index, names):
         yield name, read_weight(lrm_index, name) - read_weight(base_index, name)
 
 
+def kept_directions(args):
+    """All singular directions (the paper), the top k (--rank k), or a band (--band FIRST LAST)."""
+    if getattr(args, "band", None):
+        return slice(args.band[0] - 1, args.band[1])
+    return slice(None, args.rank)
+
+
 def decompose(tau, keep, device):
     """tau = U diag(S) Vh, singular values descending; `keep` (a slice) picks the directions
     kept: all as in the paper, the top k with --rank, a band with --band."""
@@ -88,12 +103,13 @@ def decompose(tau, keep, device):
 # ---- Eq. 7: the gated layer, W = W_vlm + lam * U diag(sigmoid(g) * S) Vh ----------------------
 
 class GatedLinear(nn.Module):
-    """A frozen VLM linear layer plus the LRM's task vector, one sigmoid gate per subspace.
-    Every parameter this module adds is trained and saved (a fork may add its own)."""
+    """A VLM linear layer, frozen here, plus the LRM's task vector with one sigmoid gate per
+    subspace. Every parameter this module adds (FRISM: g; a fork may add its own) is trained and
+    saved; the wrapped layer's own never are, whoever built the model."""
 
     def __init__(self, base, U, S, Vh, lam, gate_init=0.0):
         super().__init__()
-        self.base, self.lam, self.delta_on = base, lam, True
+        self.base, self.lam, self.delta_on = base.requires_grad_(False), lam, True
         dtype = base.weight.dtype  # ours: U, Vh in the working dtype; S and g in fp32
         self.register_buffer("U", U.to(dtype), persistent=False)
         self.register_buffer("Vh", Vh.to(dtype), persistent=False)
@@ -142,14 +158,9 @@ def inject(model, lrm_index, base_index, args):
         del tau  # ours: nothing but the frozen factors outlives this loop
         gated[path] = GatedLinear(linear, U, S, Vh, args.lam, args.gate_init)
         set_module(model, path, gated[path])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the SVD workspaces back before training starts
     return gated
-
-
-def kept_directions(args):
-    """All singular directions (the paper), the top k (--rank k), or a band (--band FIRST LAST)."""
-    if getattr(args, "band", None):
-        return slice(args.band[0] - 1, args.band[1])
-    return slice(None, args.rank)
 
 
 @contextlib.contextmanager
@@ -164,26 +175,13 @@ def deltas_off(gated):
             layer.delta_on = True
 
 
-def task_arithmetic(model, lrm_index, base_index, lam):
-    """Eq. 7 with every gate open at full rank is W = W_vlm + lam * tau: Task Arithmetic, done
-    exactly and without an SVD (--no-train). Returns the layers it changed."""
-    layers = decoder_layers(model)
-    for name, tau in tqdm(task_vectors(lrm_index, base_index, list(layers)), total=len(layers),
-                          desc="Task Arithmetic"):
-        w = layers[name][1].weight
-        w.copy_((w.float() + lam * tau.to(w.device)).to(w.dtype))
-    return layers
-
-
-# ---- the teacher's answers: what Eq. 8 is measured on ----------------------------------------
+# ---- the teacher's answers: where Eq. 8 is measured -------------------------------------------
 
 class Answer(NamedTuple):
-    """One calibration question with the teacher's answer (token ids, end of turn included);
-    teacher_logp holds the teacher's log-probs at the answer positions once cached."""
+    """One calibration question with the teacher's answer (token ids, end of turn included)."""
     image: object
     question: str
     ids: list
-    teacher_logp: Optional[torch.Tensor] = None
 
 
 def chat_prompt(processor, question):
@@ -215,6 +213,9 @@ def teacher_answers(model, processor, gated, samples, args):
                 ids = ids[:ends[0] + 1] if ends else ids  # cut by the limit: kept as it is
                 if ids[0] not in stop:
                     answers.append(Answer(image, question, ids))
+    if not answers:  # the one input fault that only shows here: nothing to measure Eq. 8 on
+        raise InputError("the VLM gave an empty answer to every calibration question; check "
+                         "--data and --max-new-tokens.")
     return answers
 
 
@@ -253,30 +254,86 @@ def answer_logits(model, batch, mask):
     return model.lm_head(hidden[mask.to(hidden.device)]).float()
 
 
-def distill_loss(model, gated, batch, mask, teacher=None):
-    """Eq. 8: KL(p_vlm || p_merged) per answer token over the full vocabulary, token mean (ours).
-    The teacher's log-probs are computed here, deltas off, unless they were cached."""
-    if teacher is None:
-        with torch.no_grad(), deltas_off(gated):
-            teacher = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
-    student = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
-    return F.kl_div(student, teacher.to(student.device), log_target=True, reduction="batchmean")
+def answer_logp(model, batch, mask):
+    """log p at the answer positions, over the full vocabulary, in fp32 (ours)."""
+    return F.log_softmax(answer_logits(model, batch, mask), dim=-1)
+
+
+def distill_loss(student_logp, teacher_logp):
+    """Eq. 8: KL(p_vlm || p_merged) per answer token over the full vocabulary, temperature 1,
+    token mean (ours)."""
+    return F.kl_div(student_logp, teacher_logp.to(student_logp.device), log_target=True,
+                    reduction="batchmean")
 
 
 # ---- Eq. 9: reasoning absorption, the injected spectral energy --------------------------------
 
 def inject_loss(gated):
-    """Eq. 9, normalised by sum_l ||S^l||^2 (ours, after the paper's Appendix H): in (-1, 0)."""
+    """Eq. 9, normalised by sum_l ||S^l||^2 (ours, after the paper's Appendix H): in (-1, 0).
+    Directions that carry no energy inject none: 0, never 0 / 0."""
     device = next(iter(gated.values())).g.device  # with --device-map the layers are spread
     energy = sum((layer.effective_S() ** 2).sum().to(device) for layer in gated.values())
-    return -energy / sum((layer.S ** 2).sum().to(device) for layer in gated.values())
+    total = sum((layer.S ** 2).sum().to(device) for layer in gated.values())
+    return -energy / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-# ---- Eq. 10: the objective, one function of the batch's KL and the gated layers --------------
+# ---- one training step, as an objective sees it -----------------------------------------------
 
-def eq10(alpha):
-    """FRISM's objective. A fork passes train() another function (kl, gated) -> loss."""
-    return lambda kl, gated: kl + alpha * inject_loss(gated)  # Eq. 10
+@dataclasses.dataclass
+class Step:
+    """One micro-batch of training. An objective reads what it needs and returns its terms."""
+    student_logp: torch.Tensor  # log p_merged at the answer positions (tokens x vocab, fp32)
+    items: list  # the Answer items of the batch
+    batch: dict  # the processor's tensors, prompt + answer, right-padded
+    mask: torch.Tensor  # True where the next token is an answer token
+    gated: dict  # {module path: GatedLinear}
+    args: argparse.Namespace  # the settings (alpha, lam, ...)
+    read_teacher: Callable  # () -> log p_vlm at the same positions
+
+    @functools.cached_property
+    def teacher_logp(self):
+        """log p_vlm at the answer positions: computed (or read from the cache) on first use
+        only, so an objective that never reads it costs no teacher pass."""
+        return self.read_teacher()
+
+
+# ---- Eq. 10, and the objectives beside it: each a function of one step ------------------------
+
+def eq10(step):
+    """FRISM's objective. Returns the loss and every term it is made of, by name (the progress
+    bar, the history and the report show them)."""
+    kl = distill_loss(step.student_logp, step.teacher_logp)  # Eq. 8
+    L_inject = inject_loss(step.gated)  # Eq. 9
+    return {"loss": kl + step.args.alpha * L_inject,  # Eq. 10
+            "kl": kl, "injected": -L_inject}
+
+
+def entropy(step):
+    """Not FRISM's: the mean entropy of the merged model's next-token distribution at the answer
+    positions, plus alpha * Eq. 9. AdaRank (Lee et al., ICLR 2026) minimises prediction entropy on
+    unlabelled inputs; this is that objective on FRISM's gates, which act on the LRM's singular
+    directions only (AdaRank masks those of every task vector, with hard masks). It never reads
+    the teacher: training runs no teacher pass."""
+    logp = step.student_logp
+    H = -(logp.exp() * logp).sum(-1).mean()
+    L_inject = inject_loss(step.gated)  # Eq. 9
+    return {"loss": H + step.args.alpha * L_inject, "entropy": H, "injected": -L_inject}
+
+
+class Objective(NamedTuple):
+    function: Callable  # Step -> {"loss": tensor, other terms by name}
+    description: str
+    source: str
+
+
+# --objective reads this table: a new objective is one function above and one row here.
+OBJECTIVES = {
+    "eq10": Objective(eq10, "KL to the VLM at the teacher's answers + alpha x Eq. 9 (Eq. 10)",
+                      "FRISM, Huang et al., ICML 2026"),
+    "entropy": Objective(entropy, "entropy of the merged model at the teacher's answer positions "
+                         "+ alpha x Eq. 9; no teacher pass", "ours, after AdaRank (Lee et al., "
+                         "ICLR 2026), which minimises prediction entropy on unlabelled inputs"),
+}
 
 
 # ---- the training loop: label-free self-distillation -----------------------------------------
@@ -284,17 +341,18 @@ def eq10(alpha):
 def trained_parameters(gated):
     """Every parameter the gated layers add (FRISM: the gates g); the VLM's own stay frozen."""
     return {f"{path}.{name}": p for path, layer in gated.items()
-            for name, p in layer.named_parameters() if p.requires_grad}
+            for name, p in layer.named_parameters()
+            if p.requires_grad and not name.startswith("base.")}
 
 
-def batches(items, size, seed):
-    """The calibration set, shuffled and cycled for as long as training asks (ours)."""
+def batches(n, size, seed):
+    """Indices of the calibration set, shuffled and cycled for as long as training asks (ours)."""
     rng = random.Random(seed)
     while True:
-        order = list(range(len(items)))
+        order = list(range(n))
         rng.shuffle(order)
-        for i in range(0, len(order), size):
-            yield [items[j] for j in order[i:i + size]]
+        for i in range(0, n, size):
+            yield order[i:i + size]
 
 
 def mean_gate(gated):
@@ -303,38 +361,113 @@ def mean_gate(gated):
     return gates.mean().item()
 
 
-def train(model, processor, gated, answers, args, objective=None):
-    """Minimise the objective (Eq. 10 unless a fork passes another) over the gated layers'
-    parameters; returns the loss curve."""
-    objective = objective or eq10(args.alpha)
+# Two speed options of the loop; neither changes the objective or the result.
+
+def host_memory_available():
+    """Bytes the OS could give us now (Linux's MemAvailable), or None where it cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def teacher_cache_decision(answers, vocab_size, args):
+    """Ours, for --cache-teacher auto: cache when the steps would run the teacher on more answers
+    than there are (so caching saves passes) and the cache takes at most half the free host memory.
+    Returns (cache?, bytes the cache takes)."""
+    size = sum(len(answer.ids) for answer in answers) * vocab_size * 4
+    if args.cache_teacher != "auto":
+        return args.cache_teacher == "yes", size
+    free = host_memory_available()
+    visits = args.steps * args.grad_accum * args.batch_size
+    return visits > len(answers) and free is not None and size <= free / 2, size
+
+
+class Teacher:
+    """p_vlm of Eq. 8: the merged model with every delta off, at the answer positions, no grad.
+    It never changes, so where --cache-teacher says (ours, for speed) every answer's log-probs
+    are computed once, the first time an objective reads them, and kept in host memory (fp32)."""
+
+    def __init__(self, model, processor, gated, answers, args):
+        self.model, self.processor, self.gated, self.answers = model, processor, gated, answers
+        self.args, self.kept, self.passes, self.read = args, None, 0, False
+        self.cache, self.cache_bytes = teacher_cache_decision(
+            answers, model.get_output_embeddings().weight.shape[0], args)
+
+    @torch.no_grad()
+    def logp(self, batch, mask):
+        self.passes += 1
+        with deltas_off(self.gated):
+            return answer_logp(self.model, batch, mask)
+
+    def every_answer(self):
+        kept, size = [], self.args.batch_size
+        for i in tqdm(range(0, len(self.answers), size), desc="Caching teacher log-probs"):
+            chunk = self.answers[i:i + size]
+            logp = self.logp(*make_batch(self.processor, chunk, self.model.device)).cpu()
+            kept += logp.split([len(item.ids) for item in chunk])
+        return kept
+
+    def __call__(self, indices, batch, mask):
+        """log p_vlm for the answers at `indices`, which `batch` and `mask` hold."""
+        if not self.read:  # the first read: say what the cache decision was, and act on it
+            self.read = True
+            print(f"Teacher log-probs: {'cached once' if self.cache else 'recomputed every step'} "
+                  f"(a cache takes {self.cache_bytes / 2 ** 30:.2f} GiB of host memory; "
+                  f"--cache-teacher {self.args.cache_teacher})")
+            self.kept = self.every_answer() if self.cache else None
+        if self.kept is None:
+            return self.logp(batch, mask)
+        return torch.cat([self.kept[i] for i in indices]).to(mask.device)
+
+
+@contextlib.contextmanager
+def checkpointing(model, on=True):
+    """--gradient-checkpointing: transformers recomputes each decoder layer in the backward pass,
+    and only in train mode (Qwen2.5-VL has no dropout: train mode changes nothing else)."""
+    if not on:
+        yield
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+        model.eval()
+
+
+def train(model, processor, gated, answers, teacher, objective, args):
+    """Minimise the objective over every parameter the gated layers add; returns the history of
+    the terms it names, step by step."""
     # Ours: AdamW without weight decay, which would pull every gate towards 0.5.
     optimizer = torch.optim.AdamW(trained_parameters(gated).values(), lr=args.lr, weight_decay=0.0)
-    data, history = batches(answers, args.batch_size, args.seed), []
+    data, history = batches(len(answers), args.batch_size, args.seed), []
     bar = tqdm(range(1, args.steps + 1), desc="Training gates")
     with checkpointing(model, args.gradient_checkpointing):
-        for step in bar:
-            loss_total = kl_total = 0.0
+        for n in bar:
+            terms = {}
             for _ in range(args.grad_accum):
-                items = next(data)
+                indices = next(data)
+                items = [answers[i] for i in indices]
                 batch, mask = make_batch(processor, items, model.device)
-                cached = [item.teacher_logp for item in items]
-                kl = distill_loss(model, gated, batch, mask,
-                                  None if cached[0] is None else torch.cat(cached))
-                loss = objective(kl, gated)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at step {step}; try "
-                                             f"a smaller --lr or --lam, or --dtype float32.")
-                (loss / args.grad_accum).backward()
-                kl_total += kl.item() / args.grad_accum
-                loss_total += loss.item() / args.grad_accum
-            with torch.no_grad():
-                injected = -inject_loss(gated).item()
+                step = Step(answer_logp(model, batch, mask), items, batch, mask, gated, args,
+                            functools.partial(teacher, indices, batch, mask))
+                out = objective(step)
+                if not torch.isfinite(out["loss"]):
+                    raise FloatingPointError(
+                        f"the loss became {out['loss'].item()} at step {n}; try a smaller --lr or "
+                        f"--lam" + (", or --dtype float32." if args.dtype != "float32" else "."))
+                (out["loss"] / args.grad_accum).backward()
+                for name, value in out.items():  # each term, averaged over the micro-batches
+                    value = torch.as_tensor(value).item() / args.grad_accum
+                    terms[name] = terms.get(name, 0.0) + value
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            history.append({"step": step, "loss": loss_total, "kl": kl_total,
-                            "injected": injected, "mean_gate": mean_gate(gated)})
-            bar.set_postfix(loss=f"{loss_total:.4f}", kl=f"{kl_total:.4f}",
-                            injected=f"{injected:.3f}", gate=f"{history[-1]['mean_gate']:.3f}")
+            history.append({"step": n, **terms, "mean_gate": mean_gate(gated)})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items() if k != "step"})
     return history
 
 
@@ -347,131 +480,253 @@ def fold(model, gated):
         set_module(model, path, layer.base)
 
 
+def gate_statistics(gated):
+    """Per gated layer: its rank, the mean, min and max of sigmoid(g), the share above one half,
+    and the fraction of its spectral energy injected."""
+    stats = {}
+    for path, layer in gated.items():
+        s, S = torch.sigmoid(layer.g.detach()), layer.S
+        if len(s) == 0:  # a --band beyond this layer's rank
+            stats[path] = {"rank": 0}
+            continue
+        stats[path] = {"rank": len(s), "mean": s.mean().item(), "min": s.min().item(),
+                       "max": s.max().item(), "open": (s > 0.5).float().mean().item(),
+                       "injected": ((s * S) ** 2).sum().item() / max((S ** 2).sum().item(),
+                                                                      torch.finfo().tiny)}
+    return stats
+
+
+# ---- FRISM, every step above in order --------------------------------------------------------
+
+def subspace_merge(model, processor, lrm_index, base_index, samples, args, make_objective=None,
+                   lap=lambda stage: None):
+    """Stage 1 and Eq. 7 (inject), the teacher's answers, Eq. 8-10 (train), the fold. The
+    objective is the --objective row of OBJECTIVES, or what make_objective(model, processor,
+    gated, answers, args) returns (an objective that needs more than one step, e.g. a second
+    data stream). lap(stage) marks the end of each stage. Returns (the trained parameters, what
+    the run did)."""
+    gated = inject(model, lrm_index, base_index, args)  # Stage 1, Eq. 7
+    lap("svd")
+    answers = teacher_answers(model, processor, gated, samples, args)
+    teacher = Teacher(model, processor, gated, answers, args)
+    lap("teacher")
+    objective = (make_objective(model, processor, gated, answers, args) if make_objective
+                 else OBJECTIVES[args.objective].function)
+    history = train(model, processor, gated, answers, teacher, objective, args)  # Eq. 8-10
+    lap("train")
+    trained, injected = trained_parameters(gated), -inject_loss(gated).item()
+    record = {"loss_curve": history, "gates": gate_statistics(gated), "injected": injected,
+              "calibration": {"questions": len(samples), "answers": len(answers),
+                              "teacher_cached": teacher.kept is not None,
+                              "teacher_passes": teacher.passes}}
+    fold(model, gated)  # Eq. 7, once
+    lap("fold")
+    return trained, record
+
+
 # ==============================================================================================
-# The program around the method: command line, checks, data, scan, dry run, saving, main
+# The program around the method: Task Arithmetic, command line, checks, data, scan, dry run,
+# saving, main
 # ==============================================================================================
+
+@torch.no_grad()
+def task_arithmetic(model, lrm_index, base_index, lam):
+    """--no-train at full rank: Eq. 7 with every gate open is W = W_vlm + lam * tau, Task
+    Arithmetic, computed exactly and without an SVD. Returns the layers it changed."""
+    layers = decoder_layers(model)
+    for name, tau in tqdm(task_vectors(lrm_index, base_index, list(layers)), total=len(layers),
+                          desc="Task Arithmetic"):
+        w = layers[name][1].weight
+        w.copy_((w.float() + lam * tau.to(w.device)).to(w.dtype))
+    return layers
+
 
 # Config fields that fix a merged weight's shape must agree; these others only earn a warning.
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim")
 SOFT_FIELDS = ("rope_theta", "vocab_size", "max_position_embeddings")
-# The paper's calibration set (columns image, question, answers), where the Hub now hosts it:
-# lmms-lab/VizWiz-VQA moved to lmms-lab-encoder/ in 2026, as POPE and MME did (see eval.py).
+# The paper's calibration set (columns image, question, answers) at its current Hub id; where it
+# moved from: docs/running.md.
 VIZWIZ = "lmms-lab-encoder/VizWiz-VQA"
 # A vision tower's layers can have the same inner names (Gemma 3, SmolVLM, LLaVA-OneVision:
 # "...vision_model.encoder.layers.3.self_attn.q_proj"): only the language model is ever read.
 VISION_PREFIX = re.compile(r"vision|visual|image|mm_projector|multi_modal")
 
 
-class InputError(Exception):
-    """A problem with what the user asked for: reported as one sentence, exit code 2."""
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, except where there is none to show (None, or off):
+    the help says what happens then."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--vlm", required=True, help="the VLM: hub id or local save_pretrained directory")
+    """The settings. Each help string gives the default and a short reason; docs/running.md has
+    the argument in full. Abbreviated flags are not accepted, so that the flags a user gave are
+    known exactly (see VOIDED)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=HelpWithDefaults)
+    p.add_argument("--vlm", required=True, help="the VLM: hub id or save_pretrained directory")
     p.add_argument("--lrm", required=True, help="the reasoning LLM whose task vector is injected")
-    p.add_argument("--base", required=True, help="the LLM the LRM was fine-tuned from; tau = LRM - "
-                   "base (the paper does not name it: always given)")
-    p.add_argument("--out", help="directory for the merged model (must not exist or be empty, "
-                   "unless --overwrite); required unless --dry-run or --scan")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--data", default=VIZWIZ, help="label-free perception set (paper: VizWiz VQA, "
-                   'at its current Hub id): a .jsonl file of {"image": path, "question": text} '
-                   "lines, a hub dataset id, a local directory of data files, or a "
-                   "datasets.save_to_disk directory")
+    p.add_argument("--base", required=True, help="the LLM the LRM was fine-tuned from: tau = LRM - "
+                   "base (always given: the paper does not name it)")
+    p.add_argument("--out", help="directory for the merged model, new or empty (else --overwrite); "
+                   "required unless --dry-run or --scan")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--data", default=VIZWIZ, help="label-free perception set (paper: VizWiz VQA): "
+                   'a hub dataset id, a local data directory, a save_to_disk directory, or a '
+                   '.jsonl of {"image": path, "question": text} lines')
     p.add_argument("--data-split", default="val", help="split of a hub/local dataset")
     p.add_argument("--image-column", default="image", help="image column of a dataset")
     p.add_argument("--question-column", default="question", help="question column of a dataset")
     p.add_argument("--num-samples", type=int, default=512,
-                   help="use at most this many calibration questions (ours)")
+                   help="calibration questions used, the first N (ours)")
     p.add_argument("--max-pixels", type=int, default=512 * 28 * 28,
-                   help="shrink larger images to this many pixels (ours: VizWiz photos are large)")
-    p.add_argument("--lam", type=float, default=0.2,
-                   help="lambda_lrm of Eq. 7: each gate scales its subspace from 0 to lam (ours: "
-                   "the paper does not publish it; its 7B Task Arithmetic loses POPE at 0.15 and "
-                   "the gates start at half, so 0.2 starts at TA 0.1; run --scan first)")
-    p.add_argument("--alpha", type=float, default=0.1, help="weight of L_inject in Eq. 10 "
-                   "(ours: the paper does not publish it; measured in toy.py, see README)")
+                   help="larger images are shrunk to this many pixels (ours: VizWiz photos are "
+                   "large)")
+    p.add_argument("--lam", type=float, default=0.2, help="lambda_lrm of Eq. 7: a gate scales its "
+                   "subspace from 0 to lam (ours: the paper does not publish it; run --scan first)")
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of L_inject (Eq. 9) in the "
+                   "objective (ours: the paper does not publish it)")
+    p.add_argument("--objective", default="eq10", choices=list(OBJECTIVES), help="what the gates "
+                   "minimise: " + "; ".join(f"{k}: {o.description} ({o.source})"
+                                            for k, o in OBJECTIVES.items()))
     p.add_argument("--gate-init", type=float, default=0.0, help="initial logit of every gate "
-                   "(paper: 0, half open; the flag is ours, for the ablation: a larger value "
-                   "starts nearer Task Arithmetic at lam)")
+                   "(paper: 0, half open; the flag is ours, for the ablation)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps on the gates (ours)")
     p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates (ours)")
     p.add_argument("--batch-size", type=int, default=4, help="questions per forward pass (ours)")
     p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
     p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="length limit of the teacher's cached answers (ours)")
+                   help="length limit of the teacher's answers (ours: VizWiz answers are short)")
     p.add_argument("--rank", type=int, default=None,
-                   help="keep only the top-k subspaces of each layer (default: all, as the paper)")
-    p.add_argument("--band", type=int, nargs=2, metavar=("FIRST", "LAST"), help="keep only "
-                   "singular directions FIRST..LAST of each layer (1-based, inclusive): with "
-                   "--no-train, the paper's injection of single subspaces (its Fig. 3)")
-    p.add_argument("--no-train", action="store_true", help="skip training and open every gate: "
-                   "Task Arithmetic W = W_vlm + lam * tau (truncated to --rank if given)")
-    p.add_argument("--scan", type=float, nargs="+", metavar="LAM", help="no training, no model: "
-                   "print Task Arithmetic's KL to the VLM (Eq. 8, every gate open; truncated "
-                   "with --rank) at each LAM on the teacher's calibration answers, to choose "
-                   "--lam (ours); with --out, the table goes to OUT/frism_report.json")
+                   help="keep only the top-k subspaces of each layer; if not given, all (the "
+                   "paper)")
+    p.add_argument("--band", type=int, nargs=2, metavar=("FIRST", "LAST"), help="ours, for "
+                   "analysis: keep only singular directions FIRST..LAST of each layer (1-based)")
+    p.add_argument("--no-train", action="store_true", help="no training, every gate open: Task "
+                   "Arithmetic W = W_vlm + lam * tau (truncated by --rank or --band)")
+    p.add_argument("--scan", type=float, nargs="+", metavar="LAM", help="ours: no training, no "
+                   "model; print Task Arithmetic's KL to the VLM (Eq. 8) at each LAM, to choose "
+                   "--lam")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs")
     p.add_argument("--device-map", default=None, help="e.g. auto: spread the VLM over every GPU "
-                   "(needs accelerate); each gated layer then lives with its layer")
+                   "(needs accelerate), in place of --device")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="working dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order")
-    p.add_argument("--dry-run", action="store_true", help="check the configs and print a memory "
-                   "plan (weights, factors, activations) without loading or downloading weights")
+                   help="working dtype; if not given, bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
+    p.add_argument("--dry-run", action="store_true", help="check the configs and --out, print the "
+                   "training run's memory plan; no weight or data is read")
     p.add_argument("--device-memory", type=float, default=None,
-                   help="GiB the plan must fit in (default: the GPU's own memory)")
+                   help="GiB the --dry-run plan must fit in; if not given, the GPU's own memory")
     p.add_argument("--cache-teacher", nargs="?", const="yes", default="auto",
-                   choices=["auto", "yes", "no"], help="compute the teacher's answer log-probs "
-                   "once instead of every step: faster, at answer tokens x vocabulary x 4 bytes "
-                   "of host memory; auto: when that saves teacher passes and takes at most half "
-                   "the available host memory")
+                   choices=["auto", "yes", "no"], help="keep the teacher's log-probs in host memory "
+                   "instead of recomputing them (speed only); auto: when that saves passes and "
+                   "fits in half the free host memory")
     p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each decoder layer in the backward pass: less memory, ~50%% "
-                        "more time a step")
+                   help="recompute each decoder layer in the backward pass: less memory, more time")
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    options = {s: a.dest for a in p._actions for s in a.option_strings}
+    tokens = sys.argv[1:] if argv is None else argv
+    args.given = sorted({options[t.split("=")[0]] for t in tokens if t.split("=")[0] in options})
     return args
 
 
 # ---- input checks, before anything heavy -----------------------------------------------------
 
-def check_numbers(args):
-    """Every numeric flag, before any work: a typo must not become a model of NaNs."""
-    for flag in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be a positive integer.")
+TRAINING = ("alpha", "objective", "gate_init", "steps", "lr", "grad_accum", "cache_teacher",
+            "gradient_checkpointing")
+DATA = ("data", "data_split", "image_column", "question_column", "num_samples", "max_pixels",
+        "max_new_tokens", "batch_size")
+# Flags that another flag voids or contradicts: (flag, voided when, why). A flag the user gave in
+# such a pair is refused before any work, in one sentence that names both.
+VOIDED = [(flag, "no_train", "--no-train trains nothing and reads no data")
+          for flag in TRAINING + DATA + ("seed",)] + \
+         [(flag, "scan", "--scan trains nothing and sets lambda itself")
+          for flag in TRAINING + ("lam", "seed")] + [
+    ("scan", "no_train", "--no-train writes a Task Arithmetic model and --scan writes none"),
+    ("scan", "dry_run", "--dry-run plans a training run's memory, and --scan is not one"),
+    ("no_train", "dry_run", "--dry-run plans a training run's memory, and --no-train is not one"),
+    ("device_map", "dry_run", "--dry-run plans for one device, and --device-map spreads the model"),
+    ("device", "device_map", "--device-map places the model itself"),
+    ("rank", "band", "--band and --rank both choose the directions kept"),
+]
+VOIDED_UNLESS = [("device_memory", "dry_run", "--device-memory is the budget of --dry-run's plan"),
+                 ("overwrite", "out", "--overwrite replaces --out")]
+
+
+def flag_name(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def check_flags(args):
+    """Every flag, before any work: none voided by another, every number in range (a typo must
+    not become a model of NaNs)."""
+    given = set(getattr(args, "given", []))
+    for dest, by, why in VOIDED:
+        if dest in given and by in given:
+            raise InputError(f"{flag_name(dest)} has no effect with {flag_name(by)} ({why}): "
+                             f"give one of them.")
+    for dest, needs, why in VOIDED_UNLESS:
+        if dest in given and not getattr(args, needs):
+            raise InputError(f"{flag_name(dest)} has no effect without {flag_name(needs)} "
+                             f"({why}).")
+    for dest in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
+        if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
+            raise InputError(f"{flag_name(dest)} must be a positive integer, not "
+                             f"{getattr(args, dest)}.")
     ranges = {"lam": (-math.inf, False), "alpha": (0.0, True), "lr": (0.0, False),
               "device_memory": (0.0, False), "gate_init": (-math.inf, False)}  # (lowest, allowed)
-    for flag, (low, inclusive) in ranges.items():
-        value = getattr(args, flag, None)
+    for dest, (low, inclusive) in ranges.items():
+        value = getattr(args, dest, None)
         if value is None:
             continue
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
             rule = "a finite number" + ("" if low == -math.inf else
                                         f" {'>=' if inclusive else '>'} {low:g}")
-            raise InputError(f"--{flag.replace('_', '-')} must be {rule}, not {value}.")
+            raise InputError(f"{flag_name(dest)} must be {rule}, not {value}.")
     band = getattr(args, "band", None)
     if band and not (1 <= band[0] <= band[1]):
-        raise InputError("--band FIRST LAST needs 1 <= FIRST <= LAST.")
-    if band and getattr(args, "rank", None):
-        raise InputError("--band and --rank both choose directions: give one of them.")
+        raise InputError(f"--band FIRST LAST needs 1 <= FIRST <= LAST, not {band[0]} {band[1]}.")
     if not all(math.isfinite(lam) for lam in getattr(args, "scan", None) or []):
         raise InputError("--scan takes finite numbers only.")
     if getattr(args, "max_pixels", 784) < 28 * 28:
-        raise InputError("--max-pixels must be at least 784 (one 28 x 28 patch).")
+        raise InputError(f"--max-pixels must be at least 784 (one 28 x 28 patch), not "
+                         f"{args.max_pixels}.")
+
+
+def check_selection(args, shapes):
+    """--band must keep a direction somewhere: refused if it selects none in any merged layer
+    (nothing would be injected, and Eq. 9 would be 0/0); one line if it leaves some layers the
+    VLM's. `shapes` are the merged weights' (d_out, d_in)."""
+    band = getattr(args, "band", None)
+    if not band:
+        return
+    ranks = [min(shape) for shape in shapes]
+    if band[0] > max(ranks):
+        raise InputError(f"--band {band[0]} {band[1]} selects no direction: the largest rank of a "
+                         f"merged layer is {max(ranks)}.")
+    empty = sum(rank < band[0] for rank in ranks)
+    if empty:
+        print(f"--band {band[0]} {band[1]} selects nothing in {empty} of {len(ranks)} merged "
+              f"layers (rank below {band[0]}): they stay the VLM's.", file=sys.stderr)
 
 
 def check_model_name(name, flag):
     """A local directory, or something shaped like a hub id ("org/name"): else one clear error."""
-    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
-                                    or name.count("/") != 1):
-        raise InputError(f"{flag} {name!r} is not a model directory or a hub id.")
+    if os.path.isdir(name):
+        return
+    if os.path.exists(name):
+        raise InputError(f"{flag} {name!r} is a file, not a model directory.")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise InputError(f"{flag} {name!r} does not exist, and it is not shaped like a hub id "
+                         f"(org/name).")
 
 
 def local_dir(name, flag):
@@ -484,8 +739,8 @@ def local_dir(name, flag):
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt",
                                                        "*.jinja", "*.model", "*.tiktoken"])
     except Exception as e:
-        raise InputError(f"{flag} {name!r} could not be fetched from the hub ({type(e).__name__})."
-                         ) from e
+        raise InputError(f"{flag} {name!r} is not a local directory, and the hub could not provide "
+                         f"it ({type(e).__name__}).") from e
 
 
 def load_config(name, flag):
@@ -587,7 +842,8 @@ def check_files(path, flag):
             raise InputError(f"{flag}: {os.path.join(path, missing)!r} is named by {index} but "
                              f"missing; re-download it.")
     if not files:
-        raise InputError(f"{flag} {path!r} holds no .safetensors weights.")
+        raise InputError(f"{flag} {path!r} holds no .safetensors weights (only safetensors "
+                         f"are read: convert .bin checkpoints first).")
     for file in sorted(files):
         try:
             with safe_open(os.path.join(path, file), "pt") as f:
@@ -630,15 +886,27 @@ def check_weights(expected, indexes):
 
 
 def check_out(out, inputs, overwrite):
+    """--out is a new directory, an empty one, or (with --overwrite) one to replace; never an
+    input, never a file, and somewhere this process can write."""
     out = os.path.abspath(out)
     for path in inputs:
         path = os.path.abspath(path)
         if out == path or out.startswith(path + os.sep) or path.startswith(out + os.sep):
             raise InputError(f"--out {out!r} overlaps the input {path!r}; inputs are never "
                              f"modified, choose another directory.")
-    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
-        raise InputError(f"--out {out!r} exists and is not empty; pass --overwrite to "
-                         f"replace it.")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out!r} is a file, not a directory; choose a directory.")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise InputError(f"--out {out!r} is a directory that is not empty; pass --overwrite to "
+                         f"replace it, or choose another.")
+    parent = os.path.dirname(out)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"--out {out!r} cannot be created: {parent!r} is a file.")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out!r} cannot be written: this user may not write in "
+                         f"{parent!r}.")
 
 
 def check_inputs(vlm, lrm, base, out=None, overwrite=False):
@@ -646,6 +914,9 @@ def check_inputs(vlm, lrm, base, out=None, overwrite=False):
     base index). baselines.py checks its inputs with this too."""
     vlm, lrm, base = (local_dir(name, f"--{flag}") for name, flag in
                       ((vlm, "vlm"), (lrm, "lrm"), (base, "base")))
+    if os.path.realpath(lrm) == os.path.realpath(base):
+        raise InputError(f"--lrm and --base are the same checkpoint ({lrm!r}): its task vector "
+                         f"is zero, so there is nothing to inject.")
     if out is not None:
         check_out(out, [vlm, lrm, base], overwrite)
     check_files(vlm, "--vlm")
@@ -737,57 +1008,6 @@ def load_vlm(path, dtype, device, device_map=None):
 
 # ---- speed and memory around the training loop (none of it changes the objective) ----------
 
-@torch.no_grad()
-def cache_teacher(model, processor, gated, answers, args):
-    """Ours, for speed (--cache-teacher): the teacher never changes, so its answer-position
-    log-probs are computed once, kept in host memory in fp32, and no step runs the teacher again."""
-    cached = []
-    with deltas_off(gated):
-        for i in tqdm(range(0, len(answers), args.batch_size), desc="Caching teacher log-probs"):
-            chunk = answers[i:i + args.batch_size]
-            batch, mask = make_batch(processor, chunk, model.device)
-            logp = F.log_softmax(answer_logits(model, batch, mask), dim=-1).cpu()
-            cached += [item._replace(teacher_logp=part) for item, part in
-                       zip(chunk, logp.split([len(item.ids) for item in chunk]))]
-    return cached
-
-
-def host_memory_available():
-    """Bytes the OS could give us now (Linux's MemAvailable), or None where it cannot say."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def teacher_cache_decision(answers, vocab_size, args):
-    """Ours, for --cache-teacher auto: cache when the steps would run the teacher on more answers
-    than there are (so caching saves passes) and the cache takes at most half the free host memory."""
-    size = sum(len(answer.ids) for answer in answers) * vocab_size * 4
-    if args.cache_teacher != "auto":
-        return args.cache_teacher == "yes", size
-    free = host_memory_available()
-    visits = args.steps * args.grad_accum * args.batch_size
-    return visits > len(answers) and free is not None and size <= free / 2, size
-
-
-@contextlib.contextmanager
-def checkpointing(model, on=True):
-    """--gradient-checkpointing: transformers recomputes each decoder layer in the backward pass,
-    and only in train mode (Qwen2.5-VL has no dropout: train mode changes nothing else)."""
-    if not on:
-        yield
-        return
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    try:
-        yield
-    finally:
-        model.activation_checkpointing_disable()
-        model.eval()
-
-
 def frugal_host_memory():
     """Ours: glibc serves large blocks by mmap and returns them when freed, but each time one is
     freed it raises that threshold (up to 32 MiB); from then on tensors come from the heap, whose
@@ -825,12 +1045,12 @@ def lambda_scan(model, processor, gated, answers, lams, batch_size):
     for i in tqdm(range(0, len(answers), batch_size), desc="Lambda scan"):
         batch, mask = make_batch(processor, answers[i:i + batch_size], model.device)
         with deltas_off(gated):
-            teacher = F.log_softmax(answer_logits(model, batch, mask), dim=-1)
+            teacher = answer_logp(model, batch, mask)
         n = int(mask.sum())
         for k, lam in enumerate(lams):
             for layer in gated.values():
                 layer.lam = lam
-            sums[k] += distill_loss(model, gated, batch, mask, teacher).item() * n
+            sums[k] += distill_loss(answer_logp(model, batch, mask), teacher).item() * n
         tokens += n
     table, previous = [], None
     for lam, total in sorted(zip(lams, sums)):
@@ -846,8 +1066,9 @@ def print_scan(table):
     for row in table:
         rise = "" if row["rise"] is None else f"{row['rise']:+.4f}"
         print(f"{row['lam']:8g} {row['kl']:10.4f} {rise:>10s}")
-    print("Choose --lam about twice the largest lambda before the KL rises steeply: FRISM's gates "
-          "start at half (Task Arithmetic at lam / 2) and can open up to lam.")
+    print("Task Arithmetic loses perception where the KL rises steeply. The scan cannot tell "
+          "where FRISM transfers the most: in the miniature its best lam lay between that lambda "
+          "and three times it. Train FRISM at a few lam in that range and score each with eval.py.")
 
 
 # ---- --dry-run: will it fit? A memory plan from the configs alone, before any download -------
@@ -894,7 +1115,8 @@ def memory_plan(cfg, parameters, args, device_gib):
     layers, h, i = t.num_hidden_layers, t.hidden_size, t.intermediate_size
 
     def plan(rank):
-        r = [min(rank or min(s), min(s)) for s in shapes]
+        r = [min(rank or min(s), min(s)) if not args.band else
+             max(0, min(args.band[1], min(s)) - args.band[0] + 1) for s in shapes]
         factors = sum(k * (d_out + d_in) * b + 2 * k * 4 for (d_out, d_in), k in zip(shapes, r))
         one_layer = 12 * h + 3 * i + 2 * sum(r) / layers  # what a layer keeps for its backward
         per_token = b * (layers * h + one_layer if args.gradient_checkpointing else
@@ -908,7 +1130,7 @@ def memory_plan(cfg, parameters, args, device_gib):
 
     items, total = plan(args.rank)
     fitting = None
-    if device_gib and total > device_gib:
+    if device_gib and total > device_gib and not args.band:
         top = max(min(s) for s in shapes)
         fitting = next((k for k in range(top - top % 64, 0, -64) if plan(k)[1] <= device_gib),
                        None)
@@ -918,13 +1140,17 @@ def memory_plan(cfg, parameters, args, device_gib):
 
 
 def dry_run(args):
-    """Check the three configs and print the memory plan; no weight is downloaded or loaded."""
+    """Check the three configs, the directions kept and --out, and print the memory plan of the
+    training run the flags describe; no weight or data is downloaded or read."""
     configs = {}
     for flag in ("vlm", "lrm", "base"):
         check_model_name(getattr(args, flag), f"--{flag}")
         configs[flag] = load_config(getattr(args, flag), f"--{flag}")
     check_configs(language_config(configs["vlm"]), {"--lrm": language_config(configs["lrm"]),
                                                     "--base": language_config(configs["base"])})
+    check_selection(args, expected_shapes(language_config(configs["vlm"])).values())
+    if args.out:
+        check_out(args.out, [args.vlm, args.lrm, args.base], args.overwrite)
     parameters, source = parameter_count(args.vlm, configs["vlm"])
     device_gib = args.device_memory or (torch.cuda.get_device_properties(0).total_memory / 2 ** 30
                                         if args.device.startswith("cuda") and
@@ -945,8 +1171,8 @@ def dry_run(args):
             "; --gradient-checkpointing fits" if plan.get("checkpointing_fits") else "")
         print(f"  device memory {plan['device_gib']:.1f} GiB: {verdict}")
     cache = args.num_samples * args.max_new_tokens * language_config(configs["vlm"]).vocab_size * 4
-    print(f"  host memory for the teacher cache: at most {cache / 2 ** 30:.2f} GiB "
-          f"(--cache-teacher auto uses it when it fits)")
+    print(f"  host memory for a teacher cache: at most {cache / 2 ** 30:.2f} GiB (taken by "
+          f"--cache-teacher auto where it fits and the objective reads the teacher)")
     return plan
 
 
@@ -1065,44 +1291,45 @@ FRISM_PAPER = ("FRISM, subspace-level merging with one learned gate per singular
                "ICML 2026).")
 
 
-def frism_card(args, command, stats, history):
+def objective_name(args, make_objective):
+    """What the report and the model card say the gates minimised."""
+    if make_objective is not None:
+        return f"{make_objective.__module__}.{make_objective.__qualname__} (given by the caller)"
+    row = OBJECTIVES[args.objective]
+    return f"{args.objective}: {row.description}; from {row.source}"
+
+
+def frism_card(args, command, report):
     split = "" if args.data.endswith(".jsonl") else f" (split {args.data_split})"
-    settings = {"lambda (--lam)": args.lam, "alpha (--alpha)": args.alpha,
-                "gate start (--gate-init)": args.gate_init,
-                "steps": 0 if args.no_train else args.steps,
-                "directions": f"{args.band[0]}-{args.band[1]}" if args.band else
-                f"top {args.rank}" if args.rank else "all",
-                "calibration data": "none (--no-train)" if args.no_train else
-                f"{args.data}{split}, at most {args.num_samples} questions"}
+    directions = (f"{args.band[0]}-{args.band[1]}" if args.band else
+                  f"top {args.rank}" if args.rank else "all")
     if args.no_train:
+        settings = {"lambda (--lam)": args.lam, "directions": directions,
+                    "training": "none (--no-train): every gate open"}
         figures = [f"Task Arithmetic: every gate open, W = W_vlm + {args.lam} * tau"
                    + (f" (top {args.rank} directions)" if args.rank else "")
                    + (f" (directions {args.band[0]}-{args.band[1]} only)" if args.band else "")
                    + "."]
     else:
-        ranks = sum(s["rank"] for s in stats.values())
-        mean = sum(s["mean"] * s["rank"] for s in stats.values() if s["rank"]) / ranks
-        open_ = sum(s["open"] * s["rank"] for s in stats.values() if s["rank"]) / ranks
-        figures = [f"{len(stats)} gated layers, {ranks} gates: mean sigmoid(g) {mean:.3f}, "
-                   f"{100 * open_:.1f} % above 0.5 (all start at "
+        settings = {"lambda (--lam)": args.lam, "alpha (--alpha)": args.alpha,
+                    "objective": report["objective"], "gate start (--gate-init)": args.gate_init,
+                    "steps": args.steps, "directions": directions,
+                    "calibration data": f"{args.data}{split}, at most {args.num_samples} questions"}
+        stats = [s for s in report["gates"].values() if s["rank"]]
+        ranks = sum(s["rank"] for s in stats)
+        mean = sum(s["mean"] * s["rank"] for s in stats) / ranks
+        open_ = sum(s["open"] * s["rank"] for s in stats) / ranks
+        last = {k: v for k, v in report["loss_curve"][-1].items()
+                if k not in ("step", "loss", "mean_gate")}
+        figures = [f"{len(report['gates'])} gated layers, {ranks} gates: mean sigmoid(g) "
+                   f"{mean:.3f}, {100 * open_:.1f} % above 0.5 (all start at "
                    f"{torch.sigmoid(torch.tensor(args.gate_init)).item():.2f}).",
-                   f"Injected spectral energy at the end of training: {history[-1]['injected']:.3f} "
-                   f"of the task vectors' (final KL to the VLM {history[-1]['kl']:.4f})."]
+                   f"Injected spectral energy at the end of training: {report['injected']:.3f} "
+                   f"of the task vectors'.",
+                   "The objective's terms at the last step: " + ", ".join(
+                       f"{k} {v:.4g}" for k, v in last.items()) + "."]
     return model_card(args.vlm, args.lrm, args.base, "frism", FRISM_PAPER, settings, figures,
                       command)
-
-
-def gate_statistics(gated):
-    stats = {}
-    for path, layer in gated.items():
-        s, S = torch.sigmoid(layer.g.detach()), layer.S
-        if len(s) == 0:  # a --band beyond this layer's rank
-            stats[path] = {"rank": 0}
-            continue
-        stats[path] = {"rank": len(s), "mean": s.mean().item(), "min": s.min().item(),
-                       "max": s.max().item(), "open": (s > 0.5).float().mean().item(),
-                       "injected": ((s * S) ** 2).sum().item() / (S ** 2).sum().item()}
-    return stats
 
 
 def checkpoint_dtype(path, default):
@@ -1133,10 +1360,10 @@ class Laps:
 
 
 def run(args, command="", make_objective=None):
-    """Check, load, merge (Task Arithmetic, FRISM, or the scan), save; returns the report.
-    make_objective(model, processor, gated) -> objective replaces Eq. 10 (toy.py's oracle)."""
+    """Check, load, merge (FRISM, Task Arithmetic, or the scan), save; returns the report.
+    make_objective(model, processor, gated, answers, args) -> objective replaces --objective."""
     lap = Laps()
-    check_numbers(args)
+    check_flags(args)
     if args.dry_run:
         return {"plan": dry_run(args)}
     if not args.out and not args.scan:
@@ -1145,24 +1372,23 @@ def run(args, command="", make_objective=None):
         remove_stale_staging(args.out, "frism.py")
     vlm, lrm_index, base_index = check_inputs(args.vlm, args.lrm, args.base, args.out,
                                               args.overwrite)
-    samples = None if args.no_train and not args.scan else load_calibration(args)
+    check_selection(args, [shape for _, _, shape in lrm_index.values()])
+    samples = None if args.no_train else load_calibration(args)
     lap("check")
     frugal_host_memory()
     model, processor = load_vlm(vlm, args.dtype, args.device, args.device_map)
     lap("load")
-    if args.no_train and kept_directions(args) == slice(None) and not args.scan:  # no SVD
-        layers = task_arithmetic(model, lrm_index, base_index, args.lam)
-        trained = {f"{path}.g": torch.full((min(m.weight.shape),), math.inf)
-                   for path, m in layers.values()}
-        report = {"gates": {}, "loss_curve": []}  # no subspaces were formed
-        lap("task_arithmetic")
+    if args.scan:
+        report = {"scan": scan(model, processor, lrm_index, base_index, samples, args, lap)}
+    elif args.no_train:
+        trained, report = task_arithmetic_merge(model, lrm_index, base_index, args, lap)
     else:
         trained, report = subspace_merge(model, processor, lrm_index, base_index, samples, args,
-                                         lap, make_objective)
+                                         make_objective, lap)
+        report["objective"] = objective_name(args, make_objective)
     report = {"args": vars(args), "command": command, "versions": versions(),
               "seconds": lap.seconds, "memory": dict(peak_memory(), after_stage=lap.peaks),
-              "calibration": {"questions": len(samples or []), "answers": 0,
-                              "teacher_cached": False}, **report}
+              **report}
     if args.scan:
         if args.out:  # the table alone: no model is written
             save(None, None, args.out, None, {"frism_report.json": write_json(report)},
@@ -1171,58 +1397,40 @@ def run(args, command="", make_objective=None):
     save(model, processor, args.out, checkpoint_dtype(vlm, model.dtype),
          {"frism_gates.safetensors": write_tensors(trained),
           "frism_report.json": write_json(report),
-          "README.md": frism_card(args, command, report["gates"], report["loss_curve"])},
-         args.overwrite)
+          "README.md": frism_card(args, command, report)}, args.overwrite)
     return report
 
 
-def subspace_merge(model, processor, lrm_index, base_index, samples, args, lap, make_objective):
-    """Stage 1 and Eq. 7, then Eq. 8-10 (or every gate open, or the scan), then the fold:
-    (the trained parameters, what the report says of them)."""
+def task_arithmetic_merge(model, lrm_index, base_index, args, lap):
+    """--no-train: every gate fully open. At full rank exactly and without an SVD; with --rank or
+    --band through the gated layers (truncated Task Arithmetic). The saved gates are +inf."""
+    if kept_directions(args) == slice(None):
+        layers = task_arithmetic(model, lrm_index, base_index, args.lam)
+        trained = {f"{path}.g": torch.full((min(m.weight.shape),), math.inf)
+                   for path, m in layers.values()}
+        lap("task_arithmetic")
+        return trained, {"gates": {}, "loss_curve": []}  # no subspaces were formed
     gated = inject(model, lrm_index, base_index, args)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # hand the SVD workspaces back before training starts
     lap("svd")
-    report = {"loss_curve": []}
-    if not args.no_train or args.scan:
-        answers, caching = prepare_teacher(model, processor, gated, samples, args)
-        report["calibration"] = {"questions": len(samples), "answers": len(answers),
-                                 "teacher_cached": caching}
-        lap("teacher")
-    if args.scan:
-        report["scan"] = lambda_scan(model, processor, gated, answers, args.scan, args.batch_size)
-        print_scan(report["scan"])
-        lap("scan")
-        return {}, report
-    if args.no_train:
-        for layer in gated.values():
-            layer.g.data.fill_(math.inf)  # every kept gate fully open
-    else:
-        objective = make_objective(model, processor, gated) if make_objective else None
-        report["loss_curve"] = train(model, processor, gated, answers, args, objective)
-        lap("train")
-    trained, report["gates"] = trained_parameters(gated), gate_statistics(gated)
+    for layer in gated.values():
+        layer.g.data.fill_(math.inf)  # every kept gate fully open
+    trained, stats = trained_parameters(gated), gate_statistics(gated)
     fold(model, gated)
     lap("fold")
-    return trained, report
+    return trained, {"gates": stats, "loss_curve": []}
 
 
-def prepare_teacher(model, processor, gated, samples, args):
-    """The teacher's answers, and its log-probs cached once where --cache-teacher says so."""
+def scan(model, processor, lrm_index, base_index, samples, args, lap):
+    """--scan: the gated layers (every direction kept, or --rank / --band), the teacher's answers,
+    then Task Arithmetic's KL at each lambda; prints and returns the table."""
+    gated = inject(model, lrm_index, base_index, args)
+    lap("svd")
     answers = teacher_answers(model, processor, gated, samples, args)
-    if not answers:
-        raise InputError("the VLM gave an empty answer to every calibration question; "
-                         "check --data and --max-new-tokens.")
-    if args.scan:
-        return answers, False
-    caching, size = teacher_cache_decision(
-        answers, model.get_output_embeddings().weight.shape[0], args)
-    print(f"Teacher log-probs: {'cached once' if caching else 'recomputed every step'} "
-          f"(a cache takes {size / 2 ** 30:.2f} GiB of host memory; --cache-teacher "
-          f"{args.cache_teacher})")
-    if caching:
-        answers = cache_teacher(model, processor, gated, answers, args)
-    return answers, caching
+    lap("teacher")
+    table = lambda_scan(model, processor, gated, answers, args.scan, args.batch_size)
+    print_scan(table)
+    lap("scan")
+    return table
 
 
 def interrupted_by_sigterm(signum, frame):
@@ -1240,10 +1448,12 @@ def guarded(prog, out, work):
         print(f"{prog}: error: {e}", file=sys.stderr)
         return (2 if isinstance(e, InputError) else 1), None
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written to {out!r}.", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing was written" + (f" to {out!r}." if out else "."),
+              file=sys.stderr)
         return 130, None
     except OSError as e:  # a full disk, a read-only directory
-        print(f"{prog}: error: {e}; nothing was written to {out!r}.", file=sys.stderr)
+        print(f"{prog}: error: {e}; nothing was written" + (f" to {out!r}." if out else "."),
+              file=sys.stderr)
         return 1, None
 
 

@@ -332,3 +332,15 @@ def test_tsv_cli_uses_both_task_vectors(trio, tmp_path):
     assert report["args"]["alpha"] == 1.0
     assert all(f["k"] in (16, 32) for f in report["layers"].values())  # min(m, n) // 2
     assert len(changed_layers(trio, out)) == 14
+
+
+def test_a_row_gives_its_own_help_for_a_shared_flag(capsys):
+    """--alpha and --lam mean one thing a method: each subcommand's help says its own."""
+    for method, flag, words in (("tsv", "--alpha", "scale of the merged task matrix of both task vectors"),
+                                ("ta", "--lam", "weight of the LRM's task vector"),
+                                ("ties", "--lam", "weight of the LRM's trimmed task vector in the disjoint mean"),
+                                ("star", "--lam", "weight of the truncated update, rescaled to tau's nuclear norm")):
+        with pytest.raises(SystemExit):
+            baselines.parse_args([method, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"{flag} {flag[2:].upper()} {words}" in text, (method, text)

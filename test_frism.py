@@ -59,6 +59,20 @@ def logits(model, batch):
         return model(**batch[0]).logits
 
 
+def train(model, processor, gated, args, objective=frism.eq10):
+    """The teacher's answers, then frism.train with that objective: (history, the Teacher)."""
+    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+    teacher = frism.Teacher(model, processor, gated, answers, args)
+    return frism.train(model, processor, gated, answers, teacher, objective, args), teacher
+
+
+def student_and_teacher(model, gated, batch, mask):
+    """log p_merged (with gradients) and log p_vlm at the answer positions of one batch."""
+    with torch.no_grad(), frism.deltas_off(gated):
+        teacher = frism.answer_logp(model, batch, mask)
+    return frism.answer_logp(model, batch, mask), teacher
+
+
 # ---- Eq. 7 -----------------------------------------------------------------------------------
 
 def test_gates_closed_is_the_vlm_bit_for_bit(trio):
@@ -148,12 +162,12 @@ def test_distill_loss_is_the_kl_from_teacher_to_student(trio):
             p = F.softmax(model(**batch).logits[mask].double(), -1)
         q = F.softmax(model(**batch).logits[mask].double(), -1)
         expected = (p * (p.log() - q.log())).sum(-1).mean()
-        loss = frism.distill_loss(model, gated, batch, mask)
+        loss = frism.distill_loss(*student_and_teacher(model, gated, batch, mask))
     assert loss.item() > 0
     torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-4)
     for layer in gated.values():
         layer.g.data.fill_(-math.inf)
-    assert frism.distill_loss(model, gated, batch, mask).item() == 0.0
+    assert frism.distill_loss(*student_and_teacher(model, gated, batch, mask)).item() == 0.0
 
 
 def test_inject_loss_is_the_negative_injected_energy_fraction(trio):
@@ -172,7 +186,8 @@ def test_inject_loss_is_the_negative_injected_energy_fraction(trio):
 def test_only_the_gates_receive_gradients(trio):
     model, processor, gated, args = merged_model(trio)
     batch, mask = a_batch(trio, processor, args)
-    loss = frism.distill_loss(model, gated, batch, mask) + frism.inject_loss(gated)
+    loss = frism.distill_loss(*student_and_teacher(model, gated, batch, mask)) + \
+        frism.inject_loss(gated)
     loss.backward()
     gates = {id(layer.g) for layer in gated.values()}
     for name, p in model.named_parameters():
@@ -185,8 +200,7 @@ def test_only_the_gates_receive_gradients(trio):
 def test_training_leaves_every_other_weight_untouched(trio):
     model, processor, gated, args = merged_model(trio, "--steps", "3")
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
-    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
-    frism.train(model, processor, gated, answers, args)
+    train(model, processor, gated, args)
     after = model.state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # vision, embeddings, lm_head...
     assert any(not torch.equal(l.g, torch.zeros_like(l.g)) for l in gated.values())
@@ -196,25 +210,25 @@ def test_training_leaves_every_other_weight_untouched(trio):
 def test_gates_fall_without_inject_and_rise_with_it(trio, alpha, direction):
     model, processor, gated, args = merged_model(trio, "--steps", "20", "--lr", "0.2",
                                                  "--alpha", str(alpha))
-    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
-    history = frism.train(model, processor, gated, answers, args)
+    history, _ = train(model, processor, gated, args)
     assert direction * (history[-1]["mean_gate"] - 0.5) > 0.05
     assert direction * (history[-1]["injected"] - 0.25) > 0
 
 
 def test_cached_teacher_gives_the_same_training(trio):
-    histories = []
+    histories, passes = [], []
     for extra in (["--cache-teacher", "no"], ["--cache-teacher"]):
         model, processor, gated, args = merged_model(trio, "--steps", "3", *extra)
-        answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+        history, teacher = train(model, processor, gated, args)
         if args.cache_teacher == "yes":
-            answers = frism.cache_teacher(model, processor, gated, answers, args)
-            assert all(item.teacher_logp.shape == (len(item.ids), model.config.text_config.vocab_size)
-                       for item in answers)
-        histories.append(frism.train(model, processor, gated, answers, args))
+            vocab = model.config.text_config.vocab_size
+            assert [t.shape for t in teacher.kept] == [(len(a.ids), vocab) for a in teacher.answers]
+        histories.append(history)
+        passes.append(teacher.passes)
     for plain, cached in zip(*histories):
         assert cached["kl"] == pytest.approx(plain["kl"], rel=1e-4, abs=1e-7)
         assert cached["mean_gate"] == pytest.approx(plain["mean_gate"], rel=1e-5)
+    assert passes == [3, math.ceil(len(teacher.answers) / 4)]  # a step's, or each answer's once
 
 
 def test_cache_teacher_auto_caches_only_when_it_saves_passes_and_fits(trio, monkeypatch):
@@ -239,7 +253,8 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error(trio, monkeypatch):
     answers = [frism.Answer(image, q, [100, 101]) for image, q in frism.load_calibration(args)[:2]]
     monkeypatch.setattr(frism, "distill_loss", lambda *a: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="the loss became nan at step 1"):
-        frism.train(model, processor, gated, answers, args)
+        frism.train(model, processor, gated, answers, frism.Teacher(
+            model, processor, gated, answers, args), frism.eq10, args)
 
 
 def test_help_explains_every_flag(capsys):
@@ -252,7 +267,7 @@ def test_help_explains_every_flag(capsys):
                  "--alpha", "--steps", "--lr", "--batch-size", "--grad-accum", "--max-new-tokens",
                  "--rank", "--no-train", "--device", "--dtype", "--seed", "--dry-run",
                  "--device-memory", "--gradient-checkpointing", "--device-map",
-                 "--cache-teacher", "--scan", "--gate-init"):
+                 "--cache-teacher", "--scan", "--gate-init", "--band", "--objective"):
         assert flag in text
 
 
@@ -418,6 +433,151 @@ def test_data_with_a_missing_image_is_refused(trio, tmp_path):
     assert_refused(cli(trio, tmp_path / "out", "--data", str(bad)), tmp_path / "out", "line 1")
 
 
+def test_an_existing_file_at_out_is_refused_as_a_file_not_as_a_directory(trio, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("precious")
+    for extra in ((), ("--overwrite",)):
+        done = cli(trio, out, "--no-train", *extra)
+        assert done.returncode == 2 and "is a file, not a directory" in done.stderr
+        assert "--overwrite" not in done.stderr  # it could not help: never ask for it
+    assert out.read_text() == "precious"
+
+
+# Every pair of flags where one voids or contradicts the other, and what was decided for it:
+# ("refused", words of the one sentence) or ("defined", what the combination does).
+# {out}, {data}, {dir} stand for a new output directory, the calibration set, a full directory.
+FLAG_DECISIONS = [
+    ("frism", ["--scan", "0.1", "--no-train"], "refused", "--scan has no effect with --no-train"),
+    ("frism", ["--scan", "0.1", "--dry-run"], "refused", "--scan has no effect with --dry-run"),
+    ("frism", ["--no-train", "--dry-run"], "refused", "--no-train has no effect with --dry-run"),
+    ("frism", ["--no-train", "--alpha", "0.5"], "refused", "--alpha has no effect with --no-train"),
+    ("frism", ["--no-train", "--data", "{data}"], "refused", "--data has no effect with --no-train"),
+    ("frism", ["--no-train", "--objective", "entropy"], "refused",
+     "--objective has no effect with --no-train"),
+    ("frism", ["--no-train", "--seed", "3"], "refused", "--seed has no effect with --no-train"),
+    ("frism", ["--scan", "0.1", "--lam", "0.3"], "refused", "--lam has no effect with --scan"),
+    ("frism", ["--scan", "0.1", "--steps", "5"], "refused", "--steps has no effect with --scan"),
+    ("frism", ["--scan", "0.1", "--gate-init", "4"], "refused",
+     "--gate-init has no effect with --scan"),
+    ("frism", ["--band", "1", "4", "--rank", "3"], "refused", "--rank has no effect with --band"),
+    ("frism", ["--device-memory", "10", "--no-train"], "refused",
+     "--device-memory has no effect without --dry-run"),
+    ("frism", ["--device-map", "auto", "--device", "cpu"], "refused",
+     "--device has no effect with --device-map"),
+    ("frism", ["--device-map", "auto", "--dry-run"], "refused",
+     "--device-map has no effect with --dry-run"),
+    ("frism-no-out", ["--scan", "0.1", "--overwrite", "--data", "{data}"], "refused",
+     "--overwrite has no effect without --out"),
+    ("frism", ["--dry-run", "--out", "{dir}"], "refused", "pass --overwrite"),  # checked as a run
+    ("frism", ["--dry-run", "--out", "{out}", "--alpha", "0.5"], "defined",
+     "the plan of the run these flags describe; --out checked, nothing written"),
+    ("frism", ["--scan", "0.5", "1", "--rank", "4", "--data", "{data}"], "defined",
+     "truncated Task Arithmetic's KL"),
+    ("frism", ["--objective", "entropy", "--cache-teacher", "yes", "--data", "{data}"], "defined",
+     "an objective that never reads the teacher never caches it"),
+    ("baselines", ["ta", "--density", "0.5"], "refused", "unrecognized arguments: --density"),
+    ("eval", ["--resume"], "defined", "no results file yet: everything is scored, and it says so"),
+]
+
+
+@pytest.mark.parametrize("program, extra, decision, what", FLAG_DECISIONS,
+                         ids=[" ".join(case[1]) for case in FLAG_DECISIONS])
+def test_flags_that_void_each_other_are_refused_or_defined(trio, tmp_path, capsys, program,
+                                                          extra, decision, what):
+    import baselines
+    import eval as ev
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("precious")
+    extra = [a.format(out=tmp_path / "out", data=trio["data"], dir=full) for a in extra]
+    models = ["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"]]
+    small = ["--max-new-tokens", "6", "--steps", "2"] if "--scan" not in extra else [
+        "--max-new-tokens", "6"]
+    if program == "baselines":
+        with pytest.raises(SystemExit) as done:
+            baselines.main(extra[:1] + models + ["--out", str(tmp_path / "out")] + extra[1:])
+        code = done.value.code
+    elif program == "eval":
+        bench = tmp_path / "bench.jsonl"
+        bench.write_text(json.dumps({"question": "What is 2 + 2?", "answer": 4,
+                                     "kind": "reasoning"}) + "\n")
+        code = ev.main(["--models", trio["vlm"], "--benchmarks", str(bench), "--max-new-tokens",
+                        "2", "--out", str(tmp_path / "results.json"), *extra])
+    else:
+        given = program == "frism-no-out" or "--out" in extra or "--dry-run" in extra
+        out = [] if given else ["--out", str(tmp_path / "out")]
+        code = frism.main(models + out + (small if decision == "defined" else []) + extra)
+    err = capsys.readouterr().err
+    if decision == "refused":
+        lines = err.strip().splitlines()  # one sentence (argparse puts its usage line first)
+        assert code == 2 and what in lines[-1] and len(lines) <= 2 and "Traceback" not in err, err
+        assert (full / "keep.txt").read_text() == "precious"
+        assert not (tmp_path / "out").exists()
+        return
+    assert code == 0, err
+    if "--dry-run" in extra:
+        assert not (tmp_path / "out").exists()
+    elif "--scan" in extra:
+        report = json.loads((tmp_path / "out" / "frism_report.json").read_text())
+        assert report["args"]["rank"] == 4 and [r["lam"] for r in report["scan"]] == [0.5, 1.0]
+    elif "entropy" in extra:
+        report = json.loads((tmp_path / "out" / "frism_report.json").read_text())
+        assert report["calibration"]["teacher_passes"] == 0
+        assert not report["calibration"]["teacher_cached"]
+    else:
+        assert "does not exist yet" in err and (tmp_path / "results.json").exists()
+
+
+def test_every_flag_pair_frism_voids_is_in_the_decision_table():
+    """VOIDED and VOIDED_UNLESS are the rule, FLAG_DECISIONS the statement: every pair of the rule
+    is stated (one flag of each group is enough for the groups --no-train and --scan void)."""
+    cases = [set(extra) for program, extra, decision, _ in FLAG_DECISIONS
+             if program.startswith("frism") and decision == "refused"]
+    groups = frism.TRAINING + frism.DATA + ("lam", "seed")
+    for dest, by, _ in frism.VOIDED:
+        if dest not in groups:
+            assert any({frism.flag_name(dest), frism.flag_name(by)} <= c for c in cases), dest
+    for dest, needs, _ in frism.VOIDED_UNLESS:
+        assert any(frism.flag_name(dest) in c and frism.flag_name(needs) not in c
+                   for c in cases), dest
+
+
+def test_a_band_beyond_every_layers_rank_is_refused_before_loading_the_vlm(trio, tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setattr(frism, "load_vlm", lambda *a, **k: pytest.fail("the VLM was loaded"))
+    for extra in (["--no-train"], ["--data", trio["data"]], ["--dry-run"]):
+        code = frism.main(["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"],
+                           "--band", "65", "70", *extra] + (
+            ["--out", str(tmp_path / "out")] if "--dry-run" not in extra else []))
+        err = capsys.readouterr().err
+        assert code == 2 and "--band 65 70 selects no direction: the largest rank of a merged " \
+            "layer is 64." in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_band_empty_in_some_layers_says_so_and_leaves_them_the_vlms(trio, tmp_path):
+    done = cli(trio, tmp_path / "out", "--no-train", "--band", "33", "64")
+    assert done.returncode == 0, done.stderr
+    assert "--band 33 64 selects nothing in 4 of 14 merged layers (rank below 33): they stay " \
+        "the VLM's." in done.stderr  # k and v (32 x 64) of both layers
+    vlm, merged = tensors(trio["vlm"]), tensors(tmp_path / "out")
+    changed = {k for k in vlm if not torch.equal(vlm[k], merged[k])}
+    assert changed and not any("k_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_eq9_is_zero_not_nan_when_the_kept_directions_carry_no_energy(trio):
+    _, _, gated, _ = merged_model(trio)
+    for layer in gated.values():
+        layer.S.zero_()
+    assert frism.inject_loss(gated).item() == 0.0
+    assert all(s["injected"] == 0.0 for s in frism.gate_statistics(gated).values())
+
+
+def test_the_same_checkpoint_as_lrm_and_base_is_refused(trio, tmp_path):
+    assert_refused(cli(dict(trio, base=trio["lrm"]), tmp_path / "out", "--no-train"),
+                   tmp_path / "out", "nothing to inject")
+
+
 def test_a_crash_while_saving_leaves_no_model_behind(trio, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -501,41 +661,80 @@ def test_soft_config_differences_only_warn(trio):
 
 # ---- the paper in miniature (toy.py), smoke-sized --------------------------------------------
 
+# What each row of the miniature must show in its output: (row-name pattern, check of its report).
+# A new line of toy.MINIATURE needs its expectation here.
+ROW_EXPECTATIONS = [
+    ("VLM", lambda report: report is None),  # the VLM itself, no merge
+    ("TA [0-9]*", lambda r: r["method"] == "ta"),
+    ("TIES", lambda r: r["method"] == "ties"),
+    ("DARE", lambda r: r["method"] == "dare"),
+    ("IP T=*", lambda r: r["method"] == "ip"),
+    ("selective *", lambda r: r["method"] == "selective"),
+    ("STAR *", lambda r: r["method"] == "star"),
+    ("TSV *", lambda r: r["method"] == "tsv"),
+    ("FRISM *", lambda r: r["objective"].startswith("eq10") and len(r["loss_curve"]) == 2),
+    ("FRISM open *", lambda r: r["args"]["gate_init"] == 4.0),
+    ("entropy *", lambda r: r["objective"].startswith("entropy") and "kl" not in r["loss_curve"][0]
+     and r["calibration"]["teacher_passes"] == 0),
+    ("oracle *", lambda r: "toy.oracle" in r["objective"] and "chain_ce" in r["loss_curve"][0]),
+    ("TA top-*", lambda r: r["args"]["no_train"] and r["args"]["lam"] == 1.0),
+    ("band *", lambda r: r["args"]["no_train"] and r["args"]["band"]),
+    ("FRISM alpha=0.1 lam=*", lambda r: r["args"]["alpha"] == 0.1),
+]
+
+
+def row_report(summary, name):
+    path = summary["per_seed"][0]["models"][name]
+    for file in ("frism_report.json", "baselines_report.json"):
+        if os.path.exists(os.path.join(path, file)):
+            return json.loads(open(os.path.join(path, file)).read())
+    return None
+
+
 def test_toy_world_runs_end_to_end(tmp_path):
-    """A few steps of every stage: the world trains, is checked, scanned, merged every way (every
-    row of --full), scored, plotted."""
+    """A few steps of every stage: the world trains, is checked, scanned, merged by every row of
+    the miniature's table (--full), scored, plotted; each row made as its line says."""
+    import fnmatch
     import toy
     assert toy.main(["--dir", str(tmp_path), "--smoke", "--full"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["world_check"]) == {"LRM", "BASE", "VLM", "ideal"}
     assert {"text_reasoning", "marker_reasoning"} <= summary["world_check"]["LRM"].keys()
     assert {"perception", "vl_reasoning"} <= summary["world_check"]["ideal"].keys()
-    frism_rows = {f"FRISM {start}lam={lam} alpha={a}" for start in toy.STARTS
-                  for lam in toy.FRISM_LAMS for a in toy.ALPHAS}
-    assert set(summary["rows"]) == ({"VLM", "TIES", "DARE"} | {f"TA {lam}" for lam in toy.LAMBDAS}
-                                    | {f"IP T={t}" for t in toy.THRESHOLDS} | frism_rows
-                                    | {f"oracle lam={lam}" for lam in toy.FRISM_LAMS}
-                                    | {f"{m} {lam}" for m in ("selective", "STAR", "TSV")
-                                       for lam in toy.LAMBDAS}
-                                    | {f"TA top-{k}" for k in toy.RANKS}
-                                    | {f"band {a}-{b} lam={lam}" for a, b in toy.BANDS
-                                       for lam in toy.LAMBDAS})
+    names = [name for line in toy.MINIATURE for name in line.rows()]
+    assert list(summary["rows"]) == names and len(set(names)) == len(names)  # the table's order
     assert all(0 <= low <= mean <= high <= 100 for row in summary["rows"].values()
                for column, (mean, low, high) in row.items() if column != "scan_kl")
     assert all("scan_kl" in summary["rows"][f"TA {lam}"] for lam in toy.LAMBDAS)
     assert -1 <= summary["scan_spearman"][0] <= 1
-    runs = tmp_path / "seed-0" / "runs"
-    report = json.loads((runs / "FRISM_lam-2.0_alpha-1.0" / "frism_report.json").read_text())
+    assert summary["lambda_rule"][0]["pick"] in toy.LAM_GRID
+    for name in names:
+        checks = [check for pattern, check in ROW_EXPECTATIONS if fnmatch.fnmatchcase(name, pattern)]
+        assert checks, f"row {name!r} has no expectation in ROW_EXPECTATIONS"
+        assert all(check(row_report(summary, name)) for check in checks), name
+    report = row_report(summary, "FRISM lam=2.0 alpha=1.0")
     assert report["args"]["lam"] == 2.0 and report["calibration"]["questions"] == 8
-    report = json.loads((runs / "FRISM_open_lam-1.0_alpha-0.1" / "frism_report.json").read_text())
-    assert report["args"]["gate_init"] == toy.STARTS["open "]
-    assert json.loads((runs / "TIES" / "baselines_report.json").read_text())["method"] == "ties"
-    report = json.loads((runs / "band_5-16_lam-1.0" / "frism_report.json").read_text())
-    assert report["args"]["band"] == [5, 16] and report["args"]["no_train"]
-    report = json.loads((runs / "TA_top-4" / "frism_report.json").read_text())
-    assert report["args"]["rank"] == 4 and report["args"]["lam"] == 1.0  # as the plot says
-    for plot in ("tradeoff.png", "gates.png", "bands.png"):
+    assert row_report(summary, "band 5-16 lam=1.0")["args"]["band"] == [5, 16]
+    assert row_report(summary, "TA top-4")["args"]["rank"] == 4  # at lambda 1, as the plot says
+    for plot in ("tradeoff.png", "gates.png", "bands.png", "lam.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+
+    # --only: the named rows made anew, every other row kept from the last run
+    runs = tmp_path / "seed-0" / "runs"
+    before = {p.name: p.stat().st_mtime_ns for p in runs.iterdir() if p.is_dir()}
+    assert toy.main(["--dir", str(tmp_path), "--smoke", "--only", "entropy lam=1.0*",
+                     "TSV (α grid)"]) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert list(again["rows"]) == names  # the cached rows beside the new ones, in the same order
+    made = {"entropy_lam-1.0_alpha-0.1", "entropy_lam-1.0_alpha-1.0"} | {
+        f"TSV_{lam}" for lam in toy.LAMBDAS}
+    after = {p.name: p.stat().st_mtime_ns for p in runs.iterdir() if p.is_dir()}
+    assert {name for name in before if after[name] != before[name]} == made
+    assert sorted(again["per_seed"][0]["only"]) == sorted(
+        n for n in names if n.startswith("entropy lam=1.0") or n.startswith("TSV "))
+    with pytest.raises(SystemExit, match="names no row"):
+        toy.main(["--dir", str(tmp_path), "--smoke", "--only", "no such method"])
+
     assert toy.main(["--dir", str(tmp_path), "--smoke", "--seeds", "2"]) == 0  # seed 0 reused
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == 2 and len(summary["per_seed"]) == 2
@@ -551,11 +750,13 @@ def test_the_oracle_trains_only_gate_parameters_on_labelled_chains(trio, tmp_pat
                processor.tokenizer.convert_tokens_to_ids("<|im_end|>") for c in chains)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
     answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
-    objective = toy.oracle(chains, seed=0)(model, processor, gated)
+    objective = toy.oracle(chains, seed=0)(model, processor, gated, answers, args)
     batch, mask = frism.make_batch(processor, chains[:8], args.device)
     targets = batch["input_ids"].roll(-1, dims=1)[mask]
     assert torch.equal(targets, torch.tensor([t for c in chains[:8] for t in c.ids]))
-    frism.train(model, processor, gated, answers, args, objective)
+    history = frism.train(model, processor, gated, answers, frism.Teacher(
+        model, processor, gated, answers, args), objective, args)
+    assert {"loss", "kl", "chain_ce", "mean_gate"} <= history[-1].keys()
     after = model.state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     assert any(not torch.all(l.g == 4.0) for l in gated.values())
@@ -666,11 +867,12 @@ def test_gradient_checkpointing_changes_memory_not_the_gradients(trio):
     for extra in ([], ["--gradient-checkpointing"]):
         model, processor, gated, args = merged_model(trio, "--steps", "1", "--lr", "0", *extra)
         answers = [frism.Answer(image, q, [100, 101, 102]) for image, q in frism.load_calibration(args)[:4]]
-        frism.train(model, processor, gated, answers, args)
+        frism.train(model, processor, gated, answers, frism.Teacher(
+            model, processor, gated, answers, args), frism.eq10, args)
         layer = gated["model.language_model.layers.1.mlp.up_proj"]
         batch, mask = frism.make_batch(processor, answers[:2], "cpu")
         with frism.checkpointing(model, bool(extra)):
-            frism.distill_loss(model, gated, batch, mask).backward()
+            frism.distill_loss(*student_and_teacher(model, gated, batch, mask)).backward()
         grads.append(layer.g.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
 
@@ -884,14 +1086,21 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
     gated = frism.inject(model, lrm, base, args)
     factors_gib = sum(b.numel() * b.element_size() for l in gated.values()
                       for b in (l.U, l.S, l.Vh)) / 2 ** 30
-    items = [(image, q, list(range(100, 108))) for image, q in frism.load_calibration(args)[:2]]
+    items = [frism.Answer(image, q, list(range(100, 108)))
+             for image, q in frism.load_calibration(args)[:2]]
     batch, mask = frism.make_batch(processor, items, "cpu")
     with torch.no_grad(), frism.deltas_off(gated):
-        teacher = torch.log_softmax(frism.answer_logits(model, batch, mask), dim=-1)
+        teacher = frism.answer_logp(model, batch, mask)
 
-    def frism_step(cached):  # teacher pass (or the cached log-probs) + student forward/backward
-        (frism.distill_loss(model, gated, batch, mask, teacher if cached else None)
-         + frism.inject_loss(gated)).backward()
+    def uncached():  # the teacher's pass, as train() runs it when nothing is cached
+        with torch.no_grad(), frism.deltas_off(gated):
+            return frism.answer_logp(model, batch, mask)
+
+    def frism_step(cached, objective=frism.eq10):  # the student's forward/backward, the teacher
+        # read from the cache or computed, only if the objective reads it
+        step = frism.Step(frism.answer_logp(model, batch, mask), items, batch, mask, gated, args,
+                          (lambda: teacher) if cached else uncached)
+        objective(step)["loss"].backward()
 
     def plain_step():  # the unmodified VLM, weights frozen, gradients to activations only
         with frism.deltas_off(gated):
@@ -904,6 +1113,7 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
 
     plain = seconds(plain_step)
     step, cached = seconds(lambda: frism_step(False)), seconds(lambda: frism_step(True))
+    entropy = {c: seconds(lambda: frism_step(c, frism.entropy)) for c in (False, True)}
     with frism.checkpointing(model):
         recomputed = seconds(lambda: frism_step(True))
     layer = {p.split(".layers.0.")[1]: g for p, g in gated.items() if ".layers.0." in p}
@@ -936,6 +1146,10 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
           f"({cached / plain:.2f}x), cached + checkpointing {recomputed:.2f} s "
           f"({recomputed / plain:.2f}x), cached at --rank 128 {ranked:.2f} s "
           f"({ranked / plain:.2f}x)")
+    print(f"  --objective entropy (reads no teacher): {entropy[False]:.2f} s "
+          f"({entropy[False] / plain:.2f}x) with --cache-teacher no, {entropy[True]:.2f} s "
+          f"({entropy[True] / plain:.2f}x) with it; Eq. 10 {step:.2f} s uncached, {cached:.2f} s "
+          f"cached")
     print(f"  SVD stage {runs['default']['seconds']['svd']:.1f} s vs bare torch.linalg.svd "
           f"{bare_svd:.1f} s: {runs['default']['seconds']['svd'] / bare_svd:.2f}x")
     for (name, tokens), (low_rank, dense) in crossover.items():
@@ -1123,17 +1337,143 @@ def test_a_batch_of_images_of_different_sizes_is_one_processor_call(trio):
 
 def test_a_replacement_objective_changes_the_gates_and_moves_only_the_gated_parameters(trio):
     runs = {}
-    for name, objective in (("eq10", None), ("fork", lambda kl, gated: kl - sum(
-            layer.g.sum() for layer in gated.values()))):  # any other function of (kl, gated)
+    for name, objective in (("eq10", frism.eq10), ("fork", lambda step: {"loss": -sum(
+            layer.g.sum() for layer in step.gated.values())})):  # any other function of a step
         model, processor, gated, args = merged_model(trio, "--steps", "3")
         frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
-        answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
-        frism.train(model, processor, gated, answers, args, objective)
+        history, teacher = train(model, processor, gated, args, objective)
         after = model.state_dict()
         assert all(torch.equal(frozen[k], after[k]) for k in frozen)
         runs[name] = torch.cat([layer.g.detach().flatten() for layer in gated.values()])
     assert not torch.allclose(runs["eq10"], runs["fork"])
     assert torch.all(runs["fork"] > 0)  # the fork's objective pushes every gate up
+    assert set(history[-1]) == {"step", "loss", "mean_gate"}  # the terms it names, no KL
+    assert teacher.passes == 0  # it never read the teacher
+
+
+def test_eq10_is_the_kl_plus_alpha_times_eq9_and_names_its_terms(trio):
+    model, processor, gated, args = merged_model(trio, "--alpha", "0.3")
+    batch, mask = a_batch(trio, processor, args)
+    student, teacher = student_and_teacher(model, gated, batch, mask)
+    step = frism.Step(student, [], batch, mask, gated, args, lambda: teacher)
+    terms = frism.eq10(step)
+    kl, L_inject = frism.distill_loss(student, teacher), frism.inject_loss(gated)
+    assert set(terms) == {"loss", "kl", "injected"}
+    torch.testing.assert_close(terms["loss"], kl + 0.3 * L_inject)
+    torch.testing.assert_close(terms["injected"], -L_inject)
+
+
+def test_the_entropy_objective_is_the_mean_answer_entropy_plus_alpha_times_eq9(trio):
+    model, processor, gated, args = merged_model(trio, "--alpha", "0.3")
+    batch, mask = a_batch(trio, processor, args)
+    with torch.no_grad():
+        p = F.softmax(model(**batch).logits[mask].double(), -1)
+    expected = -(p * p.log()).sum(-1).mean()  # mean over the answer tokens of the batch
+    step = frism.Step(frism.answer_logp(model, batch, mask), [], batch, mask, gated, args,
+                      lambda: pytest.fail("the entropy objective read the teacher"))
+    terms = frism.entropy(step)
+    assert set(terms) == {"loss", "entropy", "injected"}
+    torch.testing.assert_close(terms["entropy"].double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(terms["loss"], terms["entropy"] + 0.3 * frism.inject_loss(gated))
+
+
+def test_the_teacher_runs_only_for_an_objective_that_reads_it(trio):
+    """Eq. 10 reads the teacher: a pass a step, or each answer once when cached. The entropy
+    objective never does: no pass, no cache, even with --cache-teacher."""
+    for objective, extra, passes, cached in (("eq10", "no", lambda n: 3, False),
+                                             ("eq10", "yes", lambda n: math.ceil(n / 4), True),
+                                             ("entropy", "yes", lambda n: 0, False)):
+        model, processor, gated, args = merged_model(trio, "--steps", "3", "--objective",
+                                                     objective, "--cache-teacher", extra)
+        history, teacher = train(model, processor, gated, args, frism.OBJECTIVES[objective].function)
+        assert teacher.passes == passes(len(teacher.answers)), (objective, extra)
+        assert (teacher.kept is not None) == cached
+        assert ("kl" in history[0]) == (objective == "eq10")
+        assert ("entropy" in history[0]) == (objective == "entropy")
+
+
+def test_a_new_objective_is_one_function_and_one_row_of_the_table(trio, tmp_path, monkeypatch):
+    def confidence(step):  # what a fork writes: any function of the step
+        logp = step.student_logp
+        return {"loss": -logp.exp().max(-1).values.mean(), "confidence": logp.exp().max(-1).values.mean()}
+    monkeypatch.setitem(frism.OBJECTIVES, "confidence", frism.Objective(
+        confidence, "the merged model's top probability at the answer positions", "a fork"))
+    out = tmp_path / "confident"
+    assert frism.main(["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"],
+                       "--data", trio["data"], "--steps", "2", "--max-new-tokens", "6",
+                       "--objective", "confidence", "--out", str(out)]) == 0
+    report = json.loads((out / "frism_report.json").read_text())
+    assert report["objective"].startswith("confidence: the merged model's top probability")
+    assert set(report["loss_curve"][0]) == {"step", "loss", "confidence", "mean_gate"}
+    assert report["calibration"]["teacher_passes"] == 0
+    assert "| objective | confidence:" in (out / "README.md").read_text()
+
+
+def test_the_objective_is_named_in_the_report_and_the_model_card(trio, tmp_path):
+    done = cli(trio, tmp_path / "entropy", "--data", trio["data"], "--steps", "2",
+               "--max-new-tokens", "6", "--objective", "entropy")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "entropy" / "frism_report.json").read_text())
+    assert report["objective"].startswith("entropy: ") and "AdaRank" in report["objective"]
+    assert set(report["loss_curve"][-1]) == {"step", "loss", "entropy", "injected", "mean_gate"}
+    card = (tmp_path / "entropy" / "README.md").read_text()
+    assert "| objective | entropy: " in card and "entropy " in card.split("terms at the last")[1]
+    assert "kl" not in card.split("terms at the last")[1]
+
+
+def test_the_objective_factory_receives_everything_the_run_has(trio, tmp_path):
+    seen = {}
+
+    def make_objective(model, processor, gated, answers, args):
+        seen.update(model=model, processor=processor, gated=gated, answers=answers, args=args)
+        return frism.eq10
+    out = tmp_path / "factory"
+    assert frism.main(["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"],
+                       "--data", trio["data"], "--steps", "1", "--max-new-tokens", "6",
+                       "--lam", "0.7", "--out", str(out)], make_objective=make_objective) == 0
+    assert type(seen["model"]).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert hasattr(seen["processor"], "image_processor")
+    assert len(seen["gated"]) == 14 and all(isinstance(layer, frism.GatedLinear)
+                                           for layer in seen["gated"].values())
+    stop = seen["processor"].tokenizer.eos_token_id
+    assert seen["answers"] and all(isinstance(a, frism.Answer) and (a.ids[-1] == stop or
+                                   len(a.ids) == 6) for a in seen["answers"])
+    assert seen["args"].lam == 0.7 and seen["args"].steps == 1
+    report = json.loads((out / "frism_report.json").read_text())
+    assert report["objective"].endswith("make_objective (given by the caller)")
+
+
+def test_gated_linear_freezes_the_layer_it_wraps_whoever_calls_inject(trio):
+    """A model loaded by hand, with every weight trainable: inject still trains and saves only
+    the gates."""
+    args = settings(trio, "unused", "--steps", "2", "--lr", "0.5")
+    model = AutoModelForImageTextToText.from_pretrained(trio["vlm"])  # nothing frozen
+    processor = AutoProcessor.from_pretrained(trio["vlm"])
+    assert all(p.requires_grad for p in model.parameters())
+    gated = frism.inject(model, frism.safetensors_index(trio["lrm"], "--lrm"),
+                         frism.safetensors_index(trio["base"], "--base"), args)
+    assert all(not p.requires_grad for layer in gated.values() for p in layer.base.parameters())
+    assert set(frism.trained_parameters(gated)) == {f"{path}.g" for path in gated}
+    wrapped = {path: layer.base.weight.clone() for path, layer in gated.items()}
+    train(model, processor, gated, args)
+    assert all(torch.equal(layer.base.weight, wrapped[path]) for path, layer in gated.items())
+
+
+def test_the_program_runs_the_method_as_subspace_merge(trio, frism_run):
+    """frism.py's output is subspace_merge's fold: the same settings, called as a function."""
+    args = settings(trio, "unused", "--steps", "4", "--lam", "0.9", "--rank", "40")
+    model, processor = frism.load_vlm(trio["vlm"], args.dtype, args.device)
+    trained, record = frism.subspace_merge(
+        model, processor, frism.safetensors_index(trio["lrm"], "--lrm"),
+        frism.safetensors_index(trio["base"], "--base"), frism.load_calibration(args), args)
+    assert not any(isinstance(m, frism.GatedLinear) for m in model.modules())  # folded
+    assert len(record["loss_curve"]) == 4 and set(trained) == set(load_file(
+        frism_run / "frism_gates.safetensors"))
+    on_disk = tensors(frism_run)
+    for key, value in model.state_dict().items():
+        if frism.DECODER_PATH.search(key):
+            torch.testing.assert_close(on_disk[key.replace("model.language_model.", "model.")],
+                                       value)
 
 
 class ScaledGatedLinear(frism.GatedLinear):
@@ -1188,7 +1528,7 @@ def test_the_lambda_scan_is_eq8_with_every_gate_open_at_each_lambda(trio):
         layer.lam = 0.5
     batch, mask = frism.make_batch(processor, answers, args.device)
     with torch.no_grad():
-        kl = frism.distill_loss(model, gated, batch, mask).item()
+        kl = frism.distill_loss(*student_and_teacher(model, gated, batch, mask)).item()
     assert table[1]["kl"] == pytest.approx(kl, rel=1e-4)
 
 

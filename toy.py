@@ -9,9 +9,11 @@ trained with `tokenizers`, a real `Qwen2_5_VLProcessor`):
   VLM   BASE's weights as its language model, a vision tower trained to read a drawn digit.
 
 It then writes the toy benchmarks (perception: read the digit; VL reasoning: needs both, "multiply
-the number shown by 7 and add 5"), merges with Task Arithmetic at several lambdas and with FRISM
-(frism.py), scores everything with eval.py, prints the table and saves two plots. frism.py stays
-the one file of the method: this file only makes inputs for it and calls it.
+the number shown by 7 and add 5"), makes every row of MINIATURE (one Line a method: Task
+Arithmetic, the baselines, FRISM, ... each over its grid) with baselines.py or frism.py, scores
+everything with eval.py, prints the tables and saves the plots. `--only NAME` makes just the
+named rows on the cached worlds. frism.py stays the one file of the method: this file only makes
+inputs for it and calls it.
 
 The tests use `build_tiny_trio` (random weights, seconds) and run this whole script with `--smoke`.
 """
@@ -25,6 +27,7 @@ import re
 import shutil
 import time
 import sys
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from PIL import Image, ImageDraw
@@ -422,7 +425,7 @@ def ideal_composition(world, out):
 
 
 # ----------------------------------------------------------------------------------------------
-# The experiment: Task Arithmetic, the baselines and FRISM, each over its own knob, by eval.py
+# The experiment: every method of the miniature is one line of MINIATURE, scored by eval.py
 # ----------------------------------------------------------------------------------------------
 
 # Every grid is fixed here, before any score was seen, and is the same for every seed.
@@ -434,11 +437,14 @@ FRISM_LAMS = (1.0, 2.0)
 ALPHAS = (0.1, 1.0)
 # Where the gates start: the paper's g = 0, and open (sigmoid(4) = 0.98, near TA at lam).
 STARTS = {"": 0.0, "open ": 4.0}
+# FRISM at the default alpha over a lam grid that holds twice every lambda of the scan's grid:
+# what the lambda rule (README) is measured against.
+LAM_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 FRISM_SETTINGS = ["--steps", "150", "--batch-size", "8", "--max-new-tokens", "16"]
 ORACLE_CHAINS = 256  # labelled VL-reasoning chains on fresh images, for the oracle only
 RANKS = (1, 4, 16, 64)  # truncated Task Arithmetic at lambda 1: the top k directions
 BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 128))  # injected alone, at each TA lambda
-SHOWN = (2.0, 0.1)  # the FRISM run whose gates are drawn (lam, alpha)
+SHOWN = "FRISM lam=2.0 alpha=0.1"  # the run whose every gate is drawn
 MAX_NEW_TOKENS = 80  # the chain is 59 tokens and its end of turn: answers are scored complete
 
 
@@ -454,64 +460,153 @@ def reasoning_chains(processor, n, seed):
 
 def oracle(chains, seed):
     """The ceiling of subspace gating here (ours): the same gates, trained on FRISM's KL plus the
-    cross-entropy of labelled VL-reasoning chains, labels FRISM does not have. It is another
-    objective passed to frism.py's training loop: frism.main(argv, make_objective=oracle(...))."""
+    cross-entropy of labelled VL-reasoning chains, labels FRISM does not have. A second data
+    stream, so it is made by a factory: frism.main(argv, make_objective=oracle(...))."""
     import torch.nn.functional as F
     import frism
 
-    def make_objective(model, processor, gated):
-        data = frism.batches(chains, 8, seed)
+    def make_objective(model, processor, gated, answers, args):
+        data = frism.batches(len(chains), 8, seed)
 
-        def objective(kl, gated):
-            batch, mask = frism.make_batch(processor, next(data), model.device)
+        def objective(step):
+            kl = frism.distill_loss(step.student_logp, step.teacher_logp)  # Eq. 8
+            batch, mask = frism.make_batch(processor, [chains[i] for i in next(data)],
+                                           model.device)
             targets = batch["input_ids"].roll(-1, dims=1)[mask]  # the token each position predicts
-            return kl + F.cross_entropy(frism.answer_logits(model, batch, mask), targets)
+            ce = F.cross_entropy(frism.answer_logits(model, batch, mask), targets)
+            return {"loss": kl + ce, "kl": kl, "chain_ce": ce}
         return objective
     return make_objective
 
 
-def plan(data, chains, seed, full, smoke):
-    """[(row name, program, argv)], every merge of one seed: the paper's comparison and the three
-    2026 baselines over the lambda grid; --full adds FRISM from open gates, the oracle, truncated
-    Task Arithmetic and the bands. Every grid is fixed above."""
-    import baselines
-    import frism
-    steps = ["--steps", "2"] if smoke else []
-    rows = [(f"TA {lam}", baselines.main, ["ta", "--lam", str(lam)]) for lam in LAMBDAS]
-    rows += [("TIES", baselines.main, ["ties"]), ("DARE", baselines.main, ["dare"])]
-    rows += [(f"IP T={t}", baselines.main, ["ip", "--threshold", str(t)]) for t in THRESHOLDS]
-    starts = STARTS if full else {"": STARTS[""]}
-    rows += [(f"FRISM {start}lam={lam} alpha={alpha}", frism.main, FRISM_SETTINGS + [
-        "--lam", str(lam), "--alpha", str(alpha), "--gate-init", str(g0), "--data",
-        data["calib"]] + steps) for start, g0 in starts.items() for lam in FRISM_LAMS
-        for alpha in ALPHAS]
-    for name, method in (("selective", "selective"), ("STAR", "star"), ("TSV", "tsv")):
-        knob = "--alpha" if method == "tsv" else "--lam"  # TSV's knob is alpha, on the same grid
-        rows += [(f"{name} {lam}", baselines.main, [method, knob, str(lam)]) for lam in LAMBDAS]
-    if full:
-        rows += [(f"oracle lam={lam}", functools.partial(frism.main, make_objective=oracle(
-            chains, seed)), FRISM_SETTINGS + ["--lam", str(lam), "--gate-init",
-                                              str(STARTS["open "]), "--data", data["calib"]]
-                  + steps) for lam in FRISM_LAMS]
-        rows += [(f"TA top-{k}", frism.main, ["--no-train", "--rank", str(k), "--lam", "1.0"])
-                 for k in RANKS]
-        rows += [(f"band {a}-{b} lam={lam}", frism.main, ["--no-train", "--band", str(a), str(b),
-                                                          "--lam", str(lam)])
-                 for a, b in BANDS for lam in LAMBDAS]
-    return rows
+class Seed:
+    """What a row needs to be made in one seed's world: the three models, the calibration set,
+    the oracle's chains. Each method returns (program, argv), --out still to come."""
+
+    def __init__(self, world, calib, seed, smoke):
+        self.world, self.calib, self.seed, self.smoke = world, calib, seed, smoke
+        self.trio = ["--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base", f"{world}/base"]
+
+    def baseline(self, method, *flags):
+        import baselines
+        return baselines.main, [method, *self.trio, *map(str, flags)]
+
+    def frism(self, *flags):
+        """frism.py without training (--no-train, --band, --rank): no calibration data."""
+        import frism
+        return frism.main, self.trio + list(map(str, flags))
+
+    def train(self, *flags, make_objective=None):
+        """frism.py's training, with the miniature's settings and calibration set."""
+        import frism
+        main = frism.main if make_objective is None else functools.partial(
+            frism.main, make_objective=make_objective)
+        return main, self.trio + FRISM_SETTINGS + [*map(str, flags), "--data", self.calib] + (
+            ["--steps", "2"] if self.smoke else [])
+
+    @functools.cached_property
+    def chains(self):
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(f"{self.world}/vlm")
+        return reasoning_chains(processor, 8 if self.smoke else ORACLE_CHAINS, self.seed)
 
 
-def merges(world, runs, data, seed, full, smoke):
-    """{row name: output directory}, each made anew by baselines.py or frism.py."""
-    import baselines
-    from transformers import AutoProcessor
-    trio = ["--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base", f"{world}/base"]
-    chains = reasoning_chains(AutoProcessor.from_pretrained(f"{world}/vlm"),
-                              8 if smoke else ORACLE_CHAINS, seed)
-    models = {"VLM": f"{world}/vlm"}
-    for name, main, args in plan(data, chains, seed, full, smoke):
+class Line(NamedTuple):
+    """One method at one setting over a grid of one knob: a row of the table per grid point, a
+    line (or a point) on the plots."""
+    label: str  # the legend, and a name for --only
+    row: str  # each row's name, "{}" standing for its grid value
+    grid: tuple  # the knob's values, in order ((None,): one row)
+    make: Optional[Callable]  # (value, Seed) -> (program, argv); None: the VLM itself, no merge
+    full: bool = False  # only with --full
+    plots: tuple = ("tradeoff",)  # "tradeoff", "bands", "ranks", "lam", "gates"
+    style: str = "o-"  # matplotlib format on the trade-off plot
+    colour: str = "tab:blue"
+    knob: str = ""  # each point annotated "knob=value" on the trade-off plot
+
+    def rows(self):
+        return {self.row.format(value): value for value in self.grid}
+
+
+# The miniature: one line a method. A new method is one Line here (and its expectation in the
+# toy test); the run, the tables, the plots, --only and the test all read this table.
+MINIATURE = [
+    Line("VLM alone", "VLM", (None,), None, style="s", colour="gray"),
+    Line("Task Arithmetic", "TA {}", LAMBDAS, lambda lam, s: s.baseline("ta", "--lam", lam),
+         plots=("tradeoff", "bands", "lam"), knob="λ"),
+    Line("TIES-Merging", "TIES", (None,), lambda _, s: s.baseline("ties"), style="D",
+         colour="tab:purple"),
+    Line("DARE", "DARE", (None,), lambda _, s: s.baseline("dare"), style="v", colour="tab:brown"),
+    Line("IP-Merging", "IP T={}", THRESHOLDS, lambda t, s: s.baseline("ip", "--threshold", t),
+         style="^-", colour="tab:green", knob="T"),
+    *[Line(f"FRISM{', open start' if start else ''}, lam {lam}",
+           f"FRISM {start}lam={lam} alpha={{}}", ALPHAS,
+           lambda alpha, s, lam=lam, g0=g0: s.train("--lam", lam, "--alpha", alpha,
+                                                    "--gate-init", g0),
+           full=bool(start), plots=("tradeoff", "gates"), style="P:" if start else "*-",
+           colour=colour, knob="α")
+      for start, g0 in STARTS.items()
+      for lam, colour in zip(FRISM_LAMS, ("darkred", "darkorange") if start else
+                             ("tab:red", "tab:orange"))],
+    *[Line(f"entropy objective{', open start' if start else ''}, lam {lam}",
+           f"entropy {start}lam={lam} alpha={{}}", ALPHAS,
+           lambda alpha, s, lam=lam, g0=g0: s.train("--objective", "entropy", "--lam", lam,
+                                                    "--alpha", alpha, "--gate-init", g0),
+           full=True, plots=("tradeoff", "gates"), style="X:" if start else "X-",
+           colour=colour, knob="α")
+      for start, g0 in STARTS.items()
+      for lam, colour in zip(FRISM_LAMS, ("indigo", "mediumorchid") if start else
+                             ("tab:cyan", "teal"))],
+    Line("selective (λ grid)", "selective {}", LAMBDAS,
+         lambda lam, s: s.baseline("selective", "--lam", lam), style="x--", colour="tab:olive"),
+    Line("STAR (λ grid)", "STAR {}", LAMBDAS, lambda lam, s: s.baseline("star", "--lam", lam),
+         style="x--", colour="lightseagreen"),
+    Line("TSV (α grid)", "TSV {}", LAMBDAS, lambda alpha, s: s.baseline("tsv", "--alpha", alpha),
+         style="x--", colour="tab:pink"),
+    Line("oracle: the same gates trained WITH labels", "oracle lam={}", FRISM_LAMS,
+         lambda lam, s: s.train("--lam", lam, "--gate-init", STARTS["open "],
+                                make_objective=oracle(s.chains, s.seed)),
+         full=True, plots=("tradeoff", "gates"), style="*", colour="black", knob="lam"),
+    Line("truncated Task Arithmetic, lambda 1", "TA top-{}", RANKS,
+         lambda k, s: s.frism("--no-train", "--rank", k, "--lam", 1.0), full=True,
+         plots=("ranks",)),
+    *[Line(f"directions {a}-{b}", f"band {a}-{b} lam={{}}", LAMBDAS,
+           lambda lam, s, a=a, b=b: s.frism("--no-train", "--band", a, b, "--lam", lam),
+           full=True, plots=("bands",), colour=colour)
+      for (a, b), colour in zip(BANDS, ("#440154", "#3b528b", "#21918c", "#5ec962", "#b5a300"))],
+    Line("FRISM, alpha 0.1, over lam", "FRISM alpha=0.1 lam={}", LAM_GRID,
+         lambda lam, s: s.train("--lam", lam, "--alpha", 0.1, "--gate-init", 0.0), full=True,
+         plots=("lam",), colour="tab:red"),
+]  # a new method: one Line above this one
+
+
+def selected(only, full):
+    """{row name: (its Line, its grid value)}: every row of the table, or those --only names
+    (a Line's label, a row's name, or a pattern of row names such as 'entropy*')."""
+    import fnmatch
+    rows = {name: (line, value) for line in MINIATURE for name, value in line.rows().items()}
+    if only is None:
+        return {name: row for name, row in rows.items() if full or not row[0].full}
+    chosen = {}
+    for pattern in only:
+        names = [name for name, (line, _) in rows.items()
+                 if line.label == pattern or fnmatch.fnmatchcase(name, pattern)]
+        if not names:
+            raise SystemExit(f"toy.py: --only {pattern!r} names no row of the miniature; its "
+                             f"lines: {', '.join(line.label for line in MINIATURE)}.")
+        chosen.update({name: rows[name] for name in names})
+    return chosen
+
+
+def merges(world, runs, rows, seed_inputs):
+    """{row name: model directory}, each merge made anew by baselines.py or frism.py."""
+    models = {}
+    for name, (line, value) in rows.items():
+        if line.make is None:
+            models[name] = f"{world}/vlm"
+            continue
+        main, argv = line.make(value, seed_inputs)
         out = os.path.join(runs, name.replace(" ", "_").replace("=", "-"))
-        argv = args[:1] + trio + args[1:] if main is baselines.main else trio + args
         started = time.perf_counter()
         if main(argv + ["--out", out, "--overwrite"]):
             raise SystemExit(f"{name}: the merge failed")
@@ -593,35 +688,85 @@ def ensure_world(root, seed, smoke, rebuild):
     return dict(TIMES)
 
 
-def one_seed(root, seed, items, smoke, world_times, full=False):
-    """Check the world of one seed, merge it every way, score everything."""
+def one_seed(root, seed, items, smoke, world_times, full=False, only=None):
+    """Check the world of one seed, merge it every way, score everything. With `only`, make and
+    score just those rows and keep every other row of this seed's last summary."""
     world, runs = os.path.join(root, "world"), os.path.join(root, "runs")
     TIMES.clear()
     TIMES.update(world_times)
-    shutil.rmtree(runs, ignore_errors=True)  # merges are always made anew by today's code
+    last = None
+    if only is not None and os.path.isfile(os.path.join(runs, "summary.json")):
+        with open(os.path.join(runs, "summary.json")) as f:
+            last = json.load(f)
+    if only is None:
+        shutil.rmtree(runs, ignore_errors=True)  # merges are always made anew by today's code
     data = write_benchmarks(os.path.join(root, "benchmarks"), 4 if smoke else items, seed + 1)
-    check = world_check(world, data, runs, smoke)
+    check = last["world_check"] if last else world_check(world, data, runs, smoke)
     print_table("World check", check, ("text_reasoning", "marker_reasoning", "perception",
                                        "vl_reasoning"))
     started = time.perf_counter()
-    kl = scan(world, data, runs, smoke)
+    kl = {k: v for k, v in ((n, r.get("scan_kl")) for n, r in last["rows"].items())
+          if v is not None} if last else scan(world, data, runs, smoke)
     TIMES["lambda scan"] = time.perf_counter() - started
-    models = merges(world, runs, data, seed, full, smoke)
-    rows = score(models, [data["perception"], data["vl_reasoning"]], f"{runs}/results.json", smoke)
+    rows = selected(only, full)
+    models = merges(world, runs, rows, Seed(world, data["calib"], seed, smoke))
+    scores = score(models, [data["perception"], data["vl_reasoning"]],
+                   f"{runs}/results{'-only' if only else ''}.json", smoke)
+    if last:  # the last run's rows, in the table's order, with the new ones in their place
+        order = [name for line in MINIATURE for name in line.rows()]
+        kept = {**last["rows"], **scores}
+        scores = {name: kept[name] for name in order if name in kept}
+        models = {name: path for name, path in {**last["models"], **models}.items()
+                  if name in scores}
     for name, value in kl.items():
-        rows[name]["scan_kl"] = value
-    summary = {"seed": seed, "world_check": check, "rows": rows, "models": models,
-               "scan_spearman": spearman([kl[n] for n in kl], [rows[n]["perception"] for n in kl]),
-               "seconds": dict(TIMES)}
+        if name in scores:
+            scores[name]["scan_kl"] = value
+    measured = [name for name in kl if name in scores]  # the TA rows the scan also measured
+    summary = {"seed": seed, "world_check": check, "rows": scores, "models": models,
+               "scan_kl": kl, "only": sorted(rows) if only else None,
+               "scan_spearman": spearman([kl[n] for n in measured],
+                                         [scores[n]["perception"] for n in measured])
+               if len(measured) > 1 else None,
+               "lambda_rule": lambda_rule(kl, scores), "seconds": dict(TIMES)}
     with open(os.path.join(runs, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
+def rule_pick(kl):
+    """The lambda rule the README gave until it was measured, read from a scan ({"TA lam": KL}):
+    the KL "rises steeply" at the first lambda whose rise (KL minus the previous lambda's) is at
+    least twice the rise before it; the rule picks lam = twice the lambda before that (twice the
+    largest lambda scanned if the KL never rises so). Returns (steep lambda or None, the pick)."""
+    points = sorted((float(name.split()[1]), value) for name, value in kl.items())
+    rises = [b[1] - a[1] for a, b in zip(points, points[1:])]
+    for i in range(1, len(rises)):
+        if rises[i] >= 2 * rises[i - 1]:
+            return points[i + 1][0], 2 * points[i][0]
+    return None, 2 * points[-1][0]
+
+
+def lambda_rule(kl, scores):
+    """Where the scan rises steeply, the old rule's pick and FRISM there (alpha 0.1, the paper's
+    start), and FRISM's best VL reasoning over LAM_GRID (ties: more perception), where those rows
+    were run."""
+    steep, pick = rule_pick(kl) if kl else (None, None)
+    out = {"steep_at": steep, "pick": pick}
+    grid = {lam: scores.get(f"FRISM alpha=0.1 lam={lam}") for lam in LAM_GRID}
+    if all(grid.values()):
+        best = max(LAM_GRID, key=lambda lam: (grid[lam]["vl_reasoning"], grid[lam]["perception"]))
+        out["at_pick"] = grid.get(pick)
+        out["best"] = dict(grid[best], lam=best)
+        out["grid"] = {str(lam): grid[lam] for lam in LAM_GRID}
+    return out
+
+
 def spread(summaries, part):
-    """{row: {column: (mean, min, max)}} over the seeds."""
+    """{row: {column: (mean, min, max)}} over the seeds, for the rows every seed has."""
     out = {}
     for name in summaries[0][part]:
+        if not all(name in s[part] for s in summaries):
+            continue
         columns = summaries[0][part][name]
         out[name] = {c: (sum(s[part][name][c] for s in summaries) / len(summaries),
                          min(s[part][name][c] for s in summaries),
@@ -632,7 +777,7 @@ def spread(summaries, part):
 def cell(value):
     if value is None:
         return "-"
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         mean, low, high = value
         return f"{mean:.1f}" if low == high else f"{mean:.1f} ({low:.0f}-{high:.0f})"
     return f"{value:.1f}"
@@ -646,6 +791,22 @@ def print_table(title, rows, columns):
     print(f"\n{title}\n{'model':{width}s}" + "".join(f"{names[c]:>20s}" for c in columns))
     for name, row in rows.items():
         print(f"{name:{width}s}" + "".join(f"{cell(row.get(c)):>20s}" for c in columns))
+
+
+def print_rule(summaries):
+    """Per seed: where the scan's KL rises steeply, the lam the old README rule picks (twice the
+    lambda before that) and FRISM there, and FRISM's best VL reasoning over the lam grid."""
+    print("\nChoosing lam, per seed (FRISM at alpha 0.1 from the paper's start; perception / VL "
+          "reasoning): the scan's steep rise / the rule 'twice the lambda before it' / FRISM's "
+          "best over the lam grid")
+    for s in summaries:
+        r = s["lambda_rule"]
+        at, best = r.get("at_pick"), r.get("best")
+        print(f"  seed {s['seed']}: steep at {r['steep_at']} / lam {r['pick']}: " +
+              (f"{at['perception']:.0f} / {at['vl_reasoning']:.0f}" if at else "-") + " / " +
+              (f"lam {best['lam']}: {best['perception']:.0f} / {best['vl_reasoning']:.0f} "
+               f"({best['lam'] / r['steep_at']:.1f} x the steep lambda)" if best and r["steep_at"]
+               else "- (the lam grid runs with --full)"))
 
 
 def print_times(summaries):
@@ -662,10 +823,16 @@ def print_times(summaries):
             print(f"  {key:55s} {total:7.1f} s" + (f"  ({count} runs)" if count > 1 else ""))
 
 
+def lines_in(table, figure):
+    """The lines of MINIATURE that `figure` draws and that have every row in the table."""
+    return [line for line in MINIATURE if figure in line.plots
+            and all(name in table for name in line.rows())]
+
+
 def plot(table, check, summaries, out_dir):
     """The paper's Fig. 2 in miniature (every method, min-max over seeds as error bars), its
-    Fig. 3 in miniature (bands of singular directions against lambda, with --full), and the gates:
-    which subspaces FRISM opened, against where the oracle put them."""
+    Fig. 3 in miniature (bands of singular directions against lambda, with --full), FRISM
+    against its lam, and the gates: which subspaces each objective opened, against the oracle."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -674,9 +841,12 @@ def plot(table, check, summaries, out_dir):
         print("matplotlib is not installed: no plots.")
         return []
     paths = [tradeoff_plot(plt, table, check, len(summaries), out_dir)]
-    if f"band 1-1 lam={LAMBDAS[0]}" in table:
+    if lines_in(table, "bands"):
         paths.append(bands_plot(plt, table, len(summaries), out_dir))
-    paths.append(gates_plot(plt, summaries, out_dir))
+    if lines_in(table, "lam"):
+        paths.append(lam_plot(plt, table, summaries, out_dir))
+    if SHOWN in summaries[0]["models"]:
+        paths.append(gates_plot(plt, table, summaries, out_dir))
     return paths
 
 
@@ -702,29 +872,10 @@ def errorbars(ax, table, names, style, color, label, labels=None, x="perception"
 
 def tradeoff_plot(plt, table, check, seeds, out_dir):
     fig, ax = plt.subplots(figsize=(8, 6))
-    errorbars(ax, table, [f"TA {lam}" for lam in LAMBDAS], "o-", "tab:blue", "Task Arithmetic",
-              [f"λ={lam}" for lam in LAMBDAS])
-    errorbars(ax, table, [f"IP T={t}" for t in THRESHOLDS], "^-", "tab:green", "IP-Merging",
-              [f"T={t}" for t in THRESHOLDS])
-    errorbars(ax, table, ["TIES"], "D", "tab:purple", "TIES-Merging")
-    errorbars(ax, table, ["DARE"], "v", "tab:brown", "DARE")
-    for name, color in (("selective", "tab:olive"), ("STAR", "tab:cyan"), ("TSV", "tab:pink")):
-        if f"{name} {LAMBDAS[0]}" in table:
-            errorbars(ax, table, [f"{name} {lam}" for lam in LAMBDAS], "x--", color,
-                      f"{name} (λ grid)" if name != "TSV" else "TSV (α grid)")
-    colors = {("", 1.0): "tab:red", ("", 2.0): "tab:orange", ("open ", 1.0): "darkred",
-              ("open ", 2.0): "darkorange"}
-    for (start, lam), color in colors.items():
-        if f"FRISM {start}lam={lam} alpha={ALPHAS[0]}" not in table:
-            continue
-        errorbars(ax, table, [f"FRISM {start}lam={lam} alpha={a}" for a in ALPHAS],
-                  "*-" if not start else "P:", color, f"FRISM{', open start' if start else ''}, "
-                  f"lam {lam}", [f"α={a}" for a in ALPHAS])
-    if f"oracle lam={FRISM_LAMS[0]}" in table:
-        errorbars(ax, table, [f"oracle lam={lam}" for lam in FRISM_LAMS], "*", "black",
-                  "oracle: the same gates trained WITH labels",
-                  [f"lam {lam}" for lam in FRISM_LAMS])
-    errorbars(ax, table, ["VLM"], "s", "gray", "VLM alone")
+    for line in lines_in(table, "tradeoff"):
+        rows = line.rows()
+        errorbars(ax, table, list(rows), line.style, line.colour, line.label,
+                  [f"{line.knob}={value}" for value in rows.values()] if line.knob else None)
     ax.axhline(check["ideal"]["vl_reasoning"][0], color="gray", ls=":", lw=1,
                label="ideal composition")
     ax.set_xlabel("toy perception accuracy (%)")
@@ -735,25 +886,26 @@ def tradeoff_plot(plt, table, check, seeds, out_dir):
 
 
 def bands_plot(plt, table, seeds, out_dir):
-    """Each band of singular directions injected alone in every layer, against lambda."""
+    """Each band of singular directions injected alone in every layer, against lambda, beside
+    Task Arithmetic; and truncated Task Arithmetic against k."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
-    colors = plt.cm.viridis([i / len(BANDS) for i in range(len(BANDS))])
-    for (a, b), color in zip(BANDS, colors):
-        names = [f"band {a}-{b} lam={lam}" for lam in LAMBDAS]
+    for line in lines_in(table, "bands"):
         for ax, column in zip(axes, ("perception", "vl_reasoning")):
-            errorbars(ax, table, names, "o-", color, f"directions {a}-{b}", x=LAMBDAS, y=column)
+            errorbars(ax, table, list(line.rows()), "o-" if line.label != "Task Arithmetic"
+                      else "o--", line.colour if line.label != "Task Arithmetic" else "black",
+                      line.label if line.label != "Task Arithmetic" else "all (TA)",
+                      x=line.grid, y=column)
     for ax, column in zip(axes, ("perception", "vl_reasoning")):
-        errorbars(ax, table, [f"TA {lam}" for lam in LAMBDAS], "o--", "black", "all (TA)",
-                  x=LAMBDAS, y=column)
         ax.set_xlabel("lambda")
         ax.set_ylabel(f"toy {column.replace('_', ' ')} (%)")
     axes[0].legend(fontsize=7)
     axes[0].set_title("perception, one band injected")
     axes[1].set_title("VL reasoning, one band injected")
-    errorbars(axes[2], table, [f"TA top-{k}" for k in RANKS], "o-", "tab:blue", "perception",
-              x=RANKS, y="perception")
-    errorbars(axes[2], table, [f"TA top-{k}" for k in RANKS], "s-", "tab:red", "VL reasoning",
-              x=RANKS, y="vl_reasoning")
+    for line in lines_in(table, "ranks"):
+        errorbars(axes[2], table, list(line.rows()), "o-", "tab:blue", "perception",
+                  x=line.grid, y="perception")
+        errorbars(axes[2], table, list(line.rows()), "s-", "tab:red", "VL reasoning",
+                  x=line.grid, y="vl_reasoning")
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("k (top-k directions of every layer), lambda 1")
     axes[2].set_title("truncated Task Arithmetic")
@@ -762,50 +914,68 @@ def bands_plot(plt, table, seeds, out_dir):
     return saved(plt, fig, os.path.join(out_dir, "bands.png"), 110)
 
 
+def lam_plot(plt, table, summaries, out_dir):
+    """FRISM against its lam, beside Task Arithmetic against lambda, with the lambda where each
+    seed's scan rises steeply."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, column in zip(axes, ("perception", "vl_reasoning")):
+        for line in lines_in(table, "lam"):
+            errorbars(ax, table, list(line.rows()), line.style, line.colour, line.label,
+                      x=line.grid, y=column)
+        for s in summaries:
+            if s["lambda_rule"]["steep_at"]:
+                ax.axvline(s["lambda_rule"]["steep_at"], color="gray", ls=":", lw=1)
+        ax.set_xlabel("lam (FRISM) or lambda (Task Arithmetic)")
+        ax.set_ylabel(f"toy {column.replace('_', ' ')} (%)")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("perception (dotted: each seed's steep rise of the scan's KL)")
+    axes[1].set_title("VL reasoning")
+    fig.suptitle(f"Choosing lam (toy world, {len(summaries)} seed(s))")
+    return saved(plt, fig, os.path.join(out_dir, "lam.png"), 110)
+
+
 def saved_gates(run):
     from safetensors.torch import load_file
     return {key.removesuffix(".g"): torch.sigmoid(g) for key, g in load_file(
         os.path.join(run, "frism_gates.safetensors")).items() if key.endswith(".g")}
 
 
-def gates_plot(plt, summaries, out_dir):
-    """Left: every gate of one FRISM run. Right: per band, the mean gate of FRISM from each start
-    and of the oracle at lam 1, over the seeds."""
+def gates_plot(plt, table, summaries, out_dir):
+    """Left: every gate of one FRISM run. Right: per band, the mean gate of every trained row at
+    lam 1 (FRISM and the entropy objective from each start, the oracle), over the seeds."""
     models = summaries[0]["models"]
-    gates = saved_gates(models[f"FRISM lam={SHOWN[0]} alpha={SHOWN[1]}"])
+    gates = saved_gates(models[SHOWN])
     names = sorted(gates, key=lambda p: (int(p.split(".layers.")[1].split(".")[0]),
                                          MERGED_ORDER.index(p.rsplit(".", 1)[1])))
     grid = torch.full((len(names), max(len(g) for g in gates.values())), float("nan"))
     for row, path in enumerate(names):
         grid[row, :len(gates[path])] = gates[path]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
     image = left.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                         interpolation="nearest")
     left.set_yticks(range(len(names)), [f"L{p.split('.layers.')[1].split('.')[0]} "
                                         f"{p.rsplit('.', 1)[1]}" for p in names], fontsize=6)
     left.set_xlabel("singular direction (descending S; k and v have fewer)")
-    left.set_title(f"sigmoid(g), FRISM lam {SHOWN[0]}, alpha {SHOWN[1]}, seed {summaries[0]['seed']}")
+    left.set_title(f"sigmoid(g), {SHOWN}, seed {summaries[0]['seed']}")
     fig.colorbar(image, ax=left, fraction=0.03)
-    lam = FRISM_LAMS[0]  # where the oracle, the ceiling, is best
-    runs = {f"FRISM ({'open' if start else 'paper'} start), α {alpha}":
-            f"FRISM {start}lam={lam} alpha={alpha}" for start in STARTS for alpha in ALPHAS}
-    runs["oracle (labels)"] = f"oracle lam={lam}"
-    runs = {label: row for label, row in runs.items() if row in models}
-    width = 0.8 / len(runs)
-    for i, (label, row) in enumerate(runs.items()):
+    lam = FRISM_LAMS[0]
+    rows = [name for line in lines_in(table, "gates") for name in line.rows()
+            if f"lam={lam}" in name and all(name in s["models"] for s in summaries)]
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
         means = []
         for a, b in BANDS:  # mean gate of the band's directions, over layers and seeds
             values = torch.cat([g[a - 1:b] for s in summaries
                                 for g in saved_gates(s["models"][row]).values()])
             means.append(values.mean().item() if len(values) else float("nan"))
-        right.bar([k + i * width for k in range(len(BANDS))], means, width, label=label)
+        right.bar([k + i * width for k in range(len(BANDS))], means, width, label=row)
     right.set_xticks([k + 0.4 - width / 2 for k in range(len(BANDS))],
                      [f"{a}-{b}" for a, b in BANDS])
     right.set_xlabel("singular directions (band)")
     right.set_ylabel("mean sigmoid(g)")
-    right.set_ylim(0.5, 1)  # every gate here ends above the paper's start, 0.5
+    right.set_ylim(0, 1)
     right.set_title(f"mean gate per band, lam {lam} ({len(summaries)} seed(s))")
-    right.legend(fontsize=7, loc="lower left")
+    right.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return saved(plt, fig, os.path.join(out_dir, "gates.png"), 110)
 
 
@@ -823,31 +993,44 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="a few steps of everything: checks the pipeline, shows nothing")
     p.add_argument("--items", type=int, default=100, help="items per toy benchmark")
-    p.add_argument("--full", action="store_true", help="also FRISM from open gates, the oracle "
-                   "(gates trained with labels), truncated Task Arithmetic by rank and the bands "
-                   "of singular directions (about 45 more merges, 5 more minutes a seed)")
+    p.add_argument("--full", action="store_true", help="also the rows marked full in MINIATURE: "
+                   "FRISM from open gates, the entropy objective, the oracle (gates trained with "
+                   "labels), FRISM over a lam grid, truncated Task Arithmetic and bands of "
+                   "singular directions (about 10 more minutes a seed)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="make and score only these rows (a "
+                   "line's label, a row's name, or a pattern such as 'entropy*'), full or not, "
+                   "and show them beside the rows of each seed's last run")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.items < 1:
         p.error("--seeds and --items must be positive")
+    if args.only and (args.full or args.rebuild):
+        p.error("--only runs the named rows on the cached worlds: --full and --rebuild have no "
+                "effect with it")
+    selected(args.only, args.full)  # an unknown --only name is refused before any work
     started = time.time()
     roots = [os.path.join(args.dir, f"seed-{seed}") for seed in range(args.seeds)]
     # Every world first: frism.py fixes glibc's mmap threshold for the rest of the process (see
     # frism.frugal_host_memory), which slows the many small allocations of training a world.
     world_times = [ensure_world(root, seed, args.smoke, args.rebuild)
                    for seed, root in enumerate(roots)]
-    summaries = [one_seed(root, seed, args.items, args.smoke, times, args.full)
+    summaries = [one_seed(root, seed, args.items, args.smoke, times, args.full, args.only)
                  for seed, (root, times) in enumerate(zip(roots, world_times))]
     check, table = spread(summaries, "world_check"), spread(summaries, "rows")
     print_table(f"World check ({args.seeds} seed(s); mean, min-max in brackets)", check,
                 ("text_reasoning", "marker_reasoning", "perception", "vl_reasoning"))
     print_table(f"Merges ({args.seeds} seed(s); mean, min-max in brackets)", table,
                 ("perception", "vl_reasoning", "cut_by_limit", "scan_kl"))
+    if args.only:
+        print(f"(--only: {len(selected(args.only, True))} row(s) made now; every other row is "
+              f"from each seed's last run, {os.path.join(args.dir, 'seed-N', 'runs')})")
     rho = [s["scan_spearman"] for s in summaries]
     print(f"\nLambda scan: rank correlation of its KL with TA's perception over the TA grid, per "
-          f"seed: {', '.join(f'{r:.2f}' for r in rho)}")
+          f"seed: {', '.join('-' if r is None else f'{r:.2f}' for r in rho)}")
+    print_rule(summaries)
     print_times(summaries)
-    summary = {"seeds": args.seeds, "items": args.items, "full": args.full, "world_check": check,
-               "rows": table, "scan_spearman": rho, "per_seed": summaries}
+    summary = {"seeds": args.seeds, "items": args.items, "full": args.full, "only": args.only,
+               "world_check": check, "rows": table, "scan_spearman": rho,
+               "lambda_rule": [s["lambda_rule"] for s in summaries], "per_seed": summaries}
     with open(os.path.join(args.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for path in plot(table, check, summaries, args.dir):
