@@ -216,12 +216,13 @@ def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--vlm", required=True, help="the VLM: hub id or local directory")
     common.add_argument("--lrm", required=True, help="the reasoning LLM")
-    common.add_argument("--base", required=True, help="the one base of both task vectors")
+    common.add_argument("--base", required=True, help="the LLM the LRM was fine-tuned from: tau = "
+                        "LRM - base (ties, ip and tsv also take the VLM's task vector from it)")
     common.add_argument("--out", required=True, help="directory for the merged model (must not "
                         "exist or be empty, unless --overwrite)")
     common.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs")
+                        help="where the model runs (cuda when there is a GPU)")
     common.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="working dtype; if not given, bfloat16 on GPU, float32 on CPU")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

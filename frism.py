@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -613,7 +613,7 @@ def parse_args(argv=None):
                    "model; print Task Arithmetic's KL to the VLM (Eq. 8) at each LAM, to choose "
                    "--lam")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the model runs")
+                   help="where the model runs (cuda when there is a GPU)")
     p.add_argument("--device-map", default=None, help="e.g. auto: spread the VLM over every GPU "
                    "(needs accelerate), in place of --device")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -1068,7 +1068,8 @@ def print_scan(table):
         print(f"{row['lam']:8g} {row['kl']:10.4f} {rise:>10s}")
     print("Task Arithmetic loses perception where the KL rises steeply. The scan cannot tell "
           "where FRISM transfers the most: in the miniature its best lam lay between that lambda "
-          "and three times it. Train FRISM at a few lam in that range and score each with eval.py.")
+          "and three times it. Train FRISM at a few --lam in that range and score each with "
+          "eval.py.")
 
 
 # ---- --dry-run: will it fit? A memory plan from the configs alone, before any download -------

@@ -1042,6 +1042,20 @@ def seconds(fn, repeats=3):
     return (time.perf_counter() - start) / repeats
 
 
+def interleaved(fns, rounds=7):
+    """{name: median seconds}: one call of each function per round, so that a slow spell of the
+    machine falls on all of them alike."""
+    import statistics
+    import time
+    times = {name: [] for name in fns}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
 def layer_seconds(layer, tokens, dense):
     """One gated layer's forward + backward (gradients to the input and the gates) on `tokens`
     tokens: by the low-rank path, or by materialising the Eq. 7 weight for the batch."""
@@ -1111,9 +1125,10 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
                 torch.roll(mask, 1, dims=1)]).backward()
             hook.remove()
 
-    plain = seconds(plain_step)
-    step, cached = seconds(lambda: frism_step(False)), seconds(lambda: frism_step(True))
-    entropy = {c: seconds(lambda: frism_step(c, frism.entropy)) for c in (False, True)}
+    steps = interleaved({"plain": plain_step, "eq10": lambda: frism_step(False),
+                         "eq10 cached": lambda: frism_step(True),
+                         "entropy": lambda: frism_step(False, frism.entropy)})
+    plain, step, cached = steps["plain"], steps["eq10"], steps["eq10 cached"]
     with frism.checkpointing(model):
         recomputed = seconds(lambda: frism_step(True))
     layer = {p.split(".layers.0.")[1]: g for p, g in gated.items() if ".layers.0." in p}
@@ -1146,10 +1161,9 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
           f"({cached / plain:.2f}x), cached + checkpointing {recomputed:.2f} s "
           f"({recomputed / plain:.2f}x), cached at --rank 128 {ranked:.2f} s "
           f"({ranked / plain:.2f}x)")
-    print(f"  --objective entropy (reads no teacher): {entropy[False]:.2f} s "
-          f"({entropy[False] / plain:.2f}x) with --cache-teacher no, {entropy[True]:.2f} s "
-          f"({entropy[True] / plain:.2f}x) with it; Eq. 10 {step:.2f} s uncached, {cached:.2f} s "
-          f"cached")
+    print(f"  one step, medians of 7 interleaved rounds: plain {plain:.2f} s; Eq. 10 {step:.2f} s "
+          f"uncached, {cached:.2f} s cached; --objective entropy {steps['entropy']:.2f} s (it "
+          f"reads no teacher, so the cache does not apply)")
     print(f"  SVD stage {runs['default']['seconds']['svd']:.1f} s vs bare torch.linalg.svd "
           f"{bare_svd:.1f} s: {runs['default']['seconds']['svd'] / bare_svd:.2f}x")
     for (name, tokens), (low_rank, dense) in crossover.items():

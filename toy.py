@@ -196,11 +196,11 @@ INSTRUCTION = "Multiply it by seven and add five."
 VL_REASONING_QUESTION = f"What number is shown? {INSTRUCTION}"
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 # Steps, batch sizes and learning rates of each stage; --smoke shrinks them all. The VLM's last
-# stage is gentle (lr 1e-5): measured on seed 0, Task Arithmetic at lambda 1 answered 13 % of VL
-# reasoning after that stage at lr 1e-4, 26 % at 3e-5 and 50 % at 1e-5 (the ideal composition:
-# 53 %). A large VLM task vector of its own is what blocks composition in this world.
-# Shorter BASE and LRM stages (450 and 200 steps) were tried for time and rejected: on seed 0 the
-# LRM fell to 90 / 85 % and Task Arithmetic's transfer at lambda 1 from 39 to 21 %.
+# stage is gentle (lr 1e-5): when it was chosen, Task Arithmetic at lambda 1 transferred more VL
+# reasoning on seed 0 the smaller this stage's learning rate (1e-4, 3e-5, 1e-5). A large VLM task
+# vector of its own is what blocks composition in this world. Shorter BASE and LRM stages (450
+# and 200 steps) were tried for time and rejected: on seed 0 the LRM lost part of its skill and
+# Task Arithmetic's transfer at lambda 1 about halved.
 STAGES = {"base": dict(steps=600, batch=32, lr=2e-3),
           "vision": dict(steps=600, batch=32, lr=2e-3),
           "vlm": dict(steps=100, batch=32, lr=1e-5),
@@ -519,7 +519,8 @@ class Line(NamedTuple):
     grid: tuple  # the knob's values, in order ((None,): one row)
     make: Optional[Callable]  # (value, Seed) -> (program, argv); None: the VLM itself, no merge
     full: bool = False  # only with --full
-    plots: tuple = ("tradeoff",)  # "tradeoff", "bands", "ranks", "lam", "gates"
+    plots: tuple = ("tradeoff",)  # "tradeoff", "bands", "ranks", "lam", "gates" (the bands
+    # and lam plots draw Task Arithmetic beside their own lines)
     style: str = "o-"  # matplotlib format on the trade-off plot
     colour: str = "tab:blue"
     knob: str = ""  # each point annotated "knob=value" on the trade-off plot
@@ -533,7 +534,7 @@ class Line(NamedTuple):
 MINIATURE = [
     Line("VLM alone", "VLM", (None,), None, style="s", colour="gray"),
     Line("Task Arithmetic", "TA {}", LAMBDAS, lambda lam, s: s.baseline("ta", "--lam", lam),
-         plots=("tradeoff", "bands", "lam"), knob="λ"),
+         knob="λ"),
     Line("TIES-Merging", "TIES", (None,), lambda _, s: s.baseline("ties"), style="D",
          colour="tab:purple"),
     Line("DARE", "DARE", (None,), lambda _, s: s.baseline("dare"), style="v", colour="tab:brown"),
@@ -578,6 +579,7 @@ MINIATURE = [
          lambda lam, s: s.train("--lam", lam, "--alpha", 0.1, "--gate-init", 0.0), full=True,
          plots=("lam",), colour="tab:red"),
 ]  # a new method: one Line above this one
+TA = next(line for line in MINIATURE if line.row == "TA {}")  # what the bands and lam plots compare
 
 
 def selected(only, full):
@@ -889,12 +891,11 @@ def bands_plot(plt, table, seeds, out_dir):
     """Each band of singular directions injected alone in every layer, against lambda, beside
     Task Arithmetic; and truncated Task Arithmetic against k."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
-    for line in lines_in(table, "bands"):
-        for ax, column in zip(axes, ("perception", "vl_reasoning")):
-            errorbars(ax, table, list(line.rows()), "o-" if line.label != "Task Arithmetic"
-                      else "o--", line.colour if line.label != "Task Arithmetic" else "black",
-                      line.label if line.label != "Task Arithmetic" else "all (TA)",
+    for ax, column in zip(axes, ("perception", "vl_reasoning")):
+        for line in lines_in(table, "bands"):
+            errorbars(ax, table, list(line.rows()), "o-", line.colour, line.label,
                       x=line.grid, y=column)
+        errorbars(ax, table, list(TA.rows()), "o--", "black", "all (TA)", x=TA.grid, y=column)
     for ax, column in zip(axes, ("perception", "vl_reasoning")):
         ax.set_xlabel("lambda")
         ax.set_ylabel(f"toy {column.replace('_', ' ')} (%)")
@@ -909,7 +910,8 @@ def bands_plot(plt, table, seeds, out_dir):
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("k (top-k directions of every layer), lambda 1")
     axes[2].set_title("truncated Task Arithmetic")
-    axes[2].legend(fontsize=7)
+    if lines_in(table, "ranks"):
+        axes[2].legend(fontsize=7)
     fig.suptitle(f"Which singular directions do what (toy world, {seeds} seed(s))")
     return saved(plt, fig, os.path.join(out_dir, "bands.png"), 110)
 
@@ -919,7 +921,7 @@ def lam_plot(plt, table, summaries, out_dir):
     seed's scan rises steeply."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, column in zip(axes, ("perception", "vl_reasoning")):
-        for line in lines_in(table, "lam"):
+        for line in lines_in(table, "lam") + [TA]:
             errorbars(ax, table, list(line.rows()), line.style, line.colour, line.label,
                       x=line.grid, y=column)
         for s in summaries:
@@ -996,7 +998,7 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="also the rows marked full in MINIATURE: "
                    "FRISM from open gates, the entropy objective, the oracle (gates trained with "
                    "labels), FRISM over a lam grid, truncated Task Arithmetic and bands of "
-                   "singular directions (about 10 more minutes a seed)")
+                   "singular directions (about 15 more minutes a seed)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="make and score only these rows (a "
                    "line's label, a row's name, or a pattern such as 'entropy*'), full or not, "
                    "and show them beside the rows of each seed's last run")
