@@ -985,8 +985,10 @@ MERGED_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def main(argv=None):
+    import frism
     p = argparse.ArgumentParser(description="Build the toy world (cached) and compare Task "
-                                "Arithmetic, the baselines and FRISM in it, offline, on the CPU.")
+                                "Arithmetic, the baselines and FRISM in it, offline, on the CPU.",
+                                formatter_class=frism.HelpWithDefaults)
     p.add_argument("--dir", default="toy_world", help="where the worlds, merges and plots go")
     p.add_argument("--seeds", type=int, default=1,
                    help="build this many worlds (seeds 0..N-1, each cached) and report the mean "
