@@ -217,7 +217,7 @@ def parse_args(argv=None):
     common.add_argument("--vlm", required=True, help="the VLM: hub id or local directory")
     common.add_argument("--lrm", required=True, help="the reasoning LLM")
     common.add_argument("--base", required=True, help="the LLM the LRM was fine-tuned from: tau = "
-                        "LRM - base (ties, ip and tsv also take the VLM's task vector from it)")
+                        "LRM - base (a method that uses the VLM's task vector takes VLM - base)")
     common.add_argument("--out", required=True, help="directory for the merged model (must not "
                         "exist or be empty, unless --overwrite)")
     common.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
