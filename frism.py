@@ -709,10 +709,11 @@ def check_selection(args, shapes):
     if not band:
         return
     ranks = [min(shape) for shape in shapes]
-    if band[0] > max(ranks):
+    kept = [len(range(rank)[kept_directions(args)]) for rank in ranks]
+    if not any(kept):
         raise InputError(f"--band {band[0]} {band[1]} selects no direction: the largest rank of a "
                          f"merged layer is {max(ranks)}.")
-    empty = sum(rank < band[0] for rank in ranks)
+    empty = kept.count(0)
     if empty:
         print(f"--band {band[0]} {band[1]} selects nothing in {empty} of {len(ranks)} merged "
               f"layers (rank below {band[0]}): they stay the VLM's.", file=sys.stderr)
@@ -1116,8 +1117,8 @@ def memory_plan(cfg, parameters, args, device_gib):
     layers, h, i = t.num_hidden_layers, t.hidden_size, t.intermediate_size
 
     def plan(rank):
-        r = [min(rank or min(s), min(s)) if not args.band else
-             max(0, min(args.band[1], min(s)) - args.band[0] + 1) for s in shapes]
+        keep = kept_directions(args) if args.band else slice(None, rank)
+        r = [len(range(min(s))[keep]) for s in shapes]  # directions kept in each layer
         factors = sum(k * (d_out + d_in) * b + 2 * k * 4 for (d_out, d_in), k in zip(shapes, r))
         one_layer = 12 * h + 3 * i + 2 * sum(r) / layers  # what a layer keeps for its backward
         per_token = b * (layers * h + one_layer if args.gradient_checkpointing else
