@@ -16,6 +16,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "bench: benchmarks, deselected by default (pytest -m bench)")
     config.addinivalue_line("markers", "toy: needs a trained miniature world (minutes), deselected "
                             "by default (pytest -m toy)")
+    config.addinivalue_line("markers", "layer: a property of whatever parameters the gated layer "
+                            "adds; test_docs runs these on the forking page's edit of GatedLinear")
 
 
 @pytest.fixture(scope="session")

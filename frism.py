@@ -11,6 +11,7 @@ The paper, and where each part of it is in this file, in the order the file read
   Eq. 9    L_inject = - sum_l ||sigmoid(g^l) * S^l||^2, normalised        inject_loss
   Eq. 10   L = L_distill + alpha * L_inject, a function of one training   eq10 (Step, and
            step; other objectives sit beside it in one table              OBJECTIVES)
+           (ours: a text stream the LRM answers, for the dual objective)  lrm_answers, dual
            only the gates are trained                                     train
            Eq. 7 evaluated once: a plain nn.Linear again                  fold
            every step above, in order                                     subspace_merge
@@ -119,6 +120,13 @@ class GatedLinear(nn.Module):
     def effective_S(self):
         return torch.sigmoid(self.g) * self.S  # S_eff of Eq. 7
 
+    @torch.no_grad()
+    def gates(self):
+        """The gate of every direction as this layer defines it, S_eff / S (FRISM: sigmoid(g)):
+        every figure of "the gates" reads this, whatever parameters a fork adds. A direction
+        with S = 0 injects nothing; its gate reads 0."""
+        return self.effective_S() / self.S.clamp_min(torch.finfo(torch.float32).tiny)
+
     def forward(self, x):
         y = self.base(x)
         if not self.delta_on:  # the teacher: exactly the VLM's layer
@@ -184,8 +192,10 @@ class Answer(NamedTuple):
     ids: list
 
 
-def chat_prompt(processor, question):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def chat_prompt(processor, question, image=True):
+    """The VLM's own chat template around one question, with its image or (text stream) none."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -224,11 +234,18 @@ def teacher_answers(model, processor, gated, samples, args):
 def make_batch(processor, items, device):
     """Prompt + answer per item, right-padded. One processor call over the whole batch, one
     image list per sample, so tiles, crops and image-token counts are the processor's business
-    whatever the model family; each answer is then written after its prompt.
-    mask[b, t] is True where the token at t+1 is an answer token: the logits at t predict it."""
-    prompts = processor(text=[chat_prompt(processor, item.question) for item in items],
-                        images=[[item.image] for item in items], padding=True,
-                        padding_side="right", return_tensors="pt")
+    whatever the model family; items without an image (the text stream) get the VLM's chat
+    template and no image."""
+    image = items[0].image is not None
+    prompts = processor(text=[chat_prompt(processor, item.question, image) for item in items],
+                        images=[[item.image] for item in items] if image else None,
+                        padding=True, padding_side="right", return_tensors="pt")
+    return with_answers(prompts, items, processor.tokenizer.pad_token_id, device)
+
+
+def with_answers(prompts, items, pad, device):
+    """Each item's answer written after its tokenised prompt. mask[b, t] is True where the token
+    at t+1 is an answer token: the logits at t predict it."""
     lengths = prompts["attention_mask"].sum(1).tolist()
     answers = [item.ids for item in items]
     length = max(n + len(a) for n, a in zip(lengths, answers))
@@ -236,8 +253,7 @@ def make_batch(processor, items, device):
     batch = dict(prompts)
     for k in per_token:  # input_ids, attention_mask and any per-token type ids
         v = prompts[k]
-        pad = processor.tokenizer.pad_token_id if k == "input_ids" else 0
-        batch[k] = torch.full((len(items), length), pad, dtype=v.dtype)
+        batch[k] = torch.full((len(items), length), pad if k == "input_ids" else 0, dtype=v.dtype)
         for b, (n, a) in enumerate(zip(lengths, answers)):
             tail = {"input_ids": a, "attention_mask": [1] * len(a)}.get(k, [0] * len(a))
             batch[k][b, :n] = v[b, :n]
@@ -271,7 +287,7 @@ def distill_loss(student_logp, teacher_logp):
 def inject_loss(gated):
     """Eq. 9, normalised by sum_l ||S^l||^2 (ours, after the paper's Appendix H): in (-1, 0).
     Directions that carry no energy inject none: 0, never 0 / 0."""
-    device = next(iter(gated.values())).g.device  # with --device-map the layers are spread
+    device = next(iter(gated.values())).S.device  # with --device-map the layers are spread
     energy = sum((layer.effective_S() ** 2).sum().to(device) for layer in gated.values())
     total = sum((layer.S ** 2).sum().to(device) for layer in gated.values())
     return -energy / total.clamp_min(torch.finfo(torch.float32).tiny)
@@ -289,12 +305,24 @@ class Step:
     gated: dict  # {module path: GatedLinear}
     args: argparse.Namespace  # the settings (alpha, lam, ...)
     read_teacher: Callable  # () -> log p_vlm at the same positions
+    read_text: Callable = None  # () -> (log p_merged, log p_lrm) on a batch of the text stream
 
     @functools.cached_property
     def teacher_logp(self):
         """log p_vlm at the answer positions: computed (or read from the cache) on first use
         only, so an objective that never reads it costs no teacher pass."""
         return self.read_teacher()
+
+    @functools.cached_property
+    def text(self):
+        """(log p_merged, log p_lrm) at the answer positions of one micro-batch of the text stream
+        (the LRM's answers to text prompts, lrm_answers below, read with the VLM's chat template
+        and no image): computed on first use only. The run has a text stream only for a row of
+        OBJECTIVES with text=True."""
+        if self.read_text is None:
+            raise RuntimeError("this objective reads the text stream (Step.text), which only a "
+                               "row of OBJECTIVES with text=True, given as --objective, has")
+        return self.read_text()
 
 
 # ---- Eq. 10, and the objectives beside it: each a function of one step ------------------------
@@ -320,10 +348,24 @@ def entropy(step):
     return {"loss": H + step.args.alpha * L_inject, "entropy": H, "injected": -L_inject}
 
 
+def dual(step):
+    """Not FRISM's: Eq. 10 plus beta times the KL from the LRM to the merged model on the text
+    stream, KL(p_lrm || p_merged) at the LRM's own answers to unlabelled reasoning prompts. Two
+    teachers, no label: the VLM keeps perception (Eq. 8), the LRM shows what its task vector is
+    for. Ours: each model reads the prompt in its own chat template, the format it was trained
+    on, and the answer after it. At beta 0 it is Eq. 10."""
+    kl = distill_loss(step.student_logp, step.teacher_logp)  # Eq. 8
+    kl_text = distill_loss(*step.text)  # the same KL, taken to the LRM on the text stream
+    L_inject = inject_loss(step.gated)  # Eq. 9
+    return {"loss": kl + step.args.beta * kl_text + step.args.alpha * L_inject,
+            "kl": kl, "kl_text": kl_text, "injected": -L_inject}
+
+
 class Objective(NamedTuple):
     function: Callable  # Step -> {"loss": tensor, other terms by name}
     description: str
     source: str
+    text: bool = False  # reads the text stream (Step.text): the run needs --text-data
 
 
 # --objective reads this table: a new objective is one function above and one row here.
@@ -333,7 +375,56 @@ OBJECTIVES = {
     "entropy": Objective(entropy, "entropy of the merged model at the teacher's answer positions "
                          "+ alpha x Eq. 9; no teacher pass", "ours, after AdaRank (Lee et al., "
                          "ICLR 2026), which minimises prediction entropy on unlabelled inputs"),
+    "dual": Objective(dual, "Eq. 10 + beta x KL from the LRM to the merged model on the LRM's "
+                      "answers to --text-data prompts (text only)", "ours: two teachers, the VLM "
+                      "on perception and the LRM on reasoning text", text=True),
 }
+
+
+# ---- the LRM's answers on a text stream: ours, for objectives that read it (dual) -----------
+
+@torch.no_grad()
+def lrm_answers(lrm, tokenizer, prompts, unreadable, args):
+    """Ours: before training, the LRM answers each unlabelled text prompt once, greedily, with its
+    own chat template and --max-new-tokens, and its log-probs at its answer positions are taken
+    once: the LRM is released before the VLM loads, so they are kept (fp32, host memory). An
+    answer ends before the LRM's end-of-turn token, which need not be the VLM's (R1-Distill ends
+    a turn with another token than Qwen2.5-VL); empty answers are dropped. `unreadable`: token ids
+    the VLM reads as other tokens (check_text_stream): those that open an answer (an R1 model's
+    `<think>`, where its template does not write it) stay in the LRM's context but are not part
+    of the answer, and the first one after them ends it (its `</think>`). Returns the items
+    (Answer, no image) and log p_lrm of each."""
+    stop = end_of_turn_ids(lrm, tokenizer) | set(unreadable)
+
+    def template(question):  # the LRM's own chat format, text only
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                             tokenize=False, add_generation_prompt=True)
+    items, logps = [], []
+    for i in tqdm(range(0, len(prompts), args.batch_size), desc="LRM answers (text stream)"):
+        chunk = prompts[i:i + args.batch_size]
+        inputs = tokenizer([template(q) for q in chunk], padding=True, padding_side="left",
+                           return_tensors="pt", add_special_tokens=False).to(lrm.device)
+        out = lrm.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        answered, opened = [], []  # the answers, and the unreadable tokens that open each
+        for question, ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
+            k = next((n for n, t in enumerate(ids) if t not in unreadable), len(ids))
+            ends = [n for n, t in enumerate(ids) if n >= k and t in stop]
+            ids = ids[:ends[0]] if ends else ids  # cut by the limit: kept as it is
+            if ids[k:]:
+                answered.append(Answer(None, question, ids))
+                opened.append(k)
+        if not answered:
+            continue
+        prompted = tokenizer([template(item.question) for item in answered], padding=True,
+                             padding_side="right", return_tensors="pt", add_special_tokens=False)
+        batch, mask = with_answers(prompted, answered, tokenizer.pad_token_id, lrm.device)
+        rows = answer_logp(lrm, batch, mask).cpu().split([len(a.ids) for a in answered])
+        logps += [logp[k:] for logp, k in zip(rows, opened)]
+        items += [item._replace(ids=item.ids[k:]) for item, k in zip(answered, opened)]
+    if not items:
+        raise InputError("the LRM gave an empty answer to every --text-data prompt; check "
+                         "--text-data and --max-new-tokens.")
+    return items, logps
 
 
 # ---- the training loop: label-free self-distillation -----------------------------------------
@@ -356,9 +447,8 @@ def batches(n, size, seed):
 
 
 def mean_gate(gated):
-    """What the progress bar shows: the mean of sigmoid(g) over every gate."""
-    gates = torch.cat([torch.sigmoid(layer.g.detach()).flatten() for layer in gated.values()])
-    return gates.mean().item()
+    """What the progress bar shows: the mean gate (S_eff / S) over every direction."""
+    return torch.cat([layer.gates().flatten().cpu() for layer in gated.values()]).mean().item()
 
 
 # Two speed options of the loop; neither changes the objective or the result.
@@ -439,12 +529,20 @@ def checkpointing(model, on=True):
         model.eval()
 
 
-def train(model, processor, gated, answers, teacher, objective, args):
+def train(model, processor, gated, answers, teacher, objective, args, text=None):
     """Minimise the objective over every parameter the gated layers add; returns the history of
-    the terms it names, step by step."""
+    the terms it names, step by step. `text`: the text stream, (items, log p_lrm of each)."""
     # Ours: AdamW without weight decay, which would pull every gate towards 0.5.
     optimizer = torch.optim.AdamW(trained_parameters(gated).values(), lr=args.lr, weight_decay=0.0)
     data, history = batches(len(answers), args.batch_size, args.seed), []
+    text_data = batches(len(text[0]), args.batch_size, args.seed + 1) if text else None
+
+    def read_text():  # one micro-batch of the text stream, in an order of its own
+        indices = next(text_data)
+        batch, mask = make_batch(processor, [text[0][i] for i in indices], model.device)
+        return (answer_logp(model, batch, mask),
+                torch.cat([text[1][i] for i in indices]).to(mask.device))
+
     bar = tqdm(range(1, args.steps + 1), desc="Training gates")
     with checkpointing(model, args.gradient_checkpointing):
         for n in bar:
@@ -454,7 +552,8 @@ def train(model, processor, gated, answers, teacher, objective, args):
                 items = [answers[i] for i in indices]
                 batch, mask = make_batch(processor, items, model.device)
                 step = Step(answer_logp(model, batch, mask), items, batch, mask, gated, args,
-                            functools.partial(teacher, indices, batch, mask))
+                            functools.partial(teacher, indices, batch, mask),
+                            read_text if text else None)
                 out = objective(step)
                 if not torch.isfinite(out["loss"]):
                     raise FloatingPointError(
@@ -481,11 +580,11 @@ def fold(model, gated):
 
 
 def gate_statistics(gated):
-    """Per gated layer: its rank, the mean, min and max of sigmoid(g), the share above one half,
-    and the fraction of its spectral energy injected."""
+    """Per gated layer: its rank, the mean, min and max of its gates (S_eff / S), the share above
+    one half, and the fraction of its spectral energy injected."""
     stats = {}
     for path, layer in gated.items():
-        s, S = torch.sigmoid(layer.g.detach()), layer.S
+        s, S = layer.gates(), layer.S
         if len(s) == 0:  # a --band beyond this layer's rank
             stats[path] = {"rank": 0}
             continue
@@ -499,12 +598,14 @@ def gate_statistics(gated):
 # ---- FRISM, every step above in order --------------------------------------------------------
 
 def subspace_merge(model, processor, lrm_index, base_index, samples, args, make_objective=None,
-                   lap=lambda stage: None):
+                   lap=lambda stage: None, text=None):
     """Stage 1 and Eq. 7 (inject), the teacher's answers, Eq. 8-10 (train), the fold. The
     objective is the --objective row of OBJECTIVES, or what make_objective(model, processor,
-    gated, answers, args) returns (an objective that needs more than one step, e.g. a second
-    data stream). lap(stage) marks the end of each stage. Returns (the trained parameters, what
-    the run did)."""
+    gated, answers, args) returns (an objective that needs more than the run has, such as the
+    miniature's labelled chains); `text` is the text stream the LRM answered, for an objective
+    that reads it.
+    lap(stage) marks the end of each stage. Returns (the trained parameters, the gate of every
+    direction by layer, what the run did)."""
     gated = inject(model, lrm_index, base_index, args)  # Stage 1, Eq. 7
     lap("svd")
     answers = teacher_answers(model, processor, gated, samples, args)
@@ -512,16 +613,19 @@ def subspace_merge(model, processor, lrm_index, base_index, samples, args, make_
     lap("teacher")
     objective = (make_objective(model, processor, gated, answers, args) if make_objective
                  else OBJECTIVES[args.objective].function)
-    history = train(model, processor, gated, answers, teacher, objective, args)  # Eq. 8-10
+    start = mean_gate(gated)
+    history = train(model, processor, gated, answers, teacher, objective, args, text)  # Eq. 8-10
     lap("train")
     trained, injected = trained_parameters(gated), -inject_loss(gated).item()
+    gates = {path: layer.gates() for path, layer in gated.items()}
     record = {"loss_curve": history, "gates": gate_statistics(gated), "injected": injected,
+              "mean_gate_at_start": start,
               "calibration": {"questions": len(samples), "answers": len(answers),
                               "teacher_cached": teacher.kept is not None,
                               "teacher_passes": teacher.passes}}
     fold(model, gated)  # Eq. 7, once
     lap("fold")
-    return trained, record
+    return trained, gates, record
 
 
 # ==============================================================================================
@@ -548,6 +652,9 @@ SOFT_FIELDS = ("rope_theta", "vocab_size", "max_position_embeddings")
 # The paper's calibration set (columns image, question, answers) at its current Hub id; where it
 # moved from: docs/running.md.
 VIZWIZ = "lmms-lab-encoder/VizWiz-VQA"
+# The text stream's default prompts (--objective dual): GSM8K's grade-school math word problems,
+# train split, its "question" column (ours; why: docs/choices.md#the-text-stream).
+GSM8K = "openai/gsm8k"
 # A vision tower's layers can have the same inner names (Gemma 3, SmolVLM, LLaVA-OneVision:
 # "...vision_model.encoder.layers.3.self_attn.q_proj"): only the language model is ever read.
 VISION_PREFIX = re.compile(r"vision|visual|image|mm_projector|multi_modal")
@@ -594,6 +701,18 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="eq10", choices=list(OBJECTIVES), help="what the gates "
                    "minimise: " + "; ".join(f"{k}: {o.description} ({o.source})"
                                             for k, o in OBJECTIVES.items()))
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the text stream's KL in "
+                   "--objective dual (ours: measured in the miniature, docs/choices.md)")
+    p.add_argument("--text-data", default=GSM8K, help="the text stream of --objective dual: "
+                   "unlabelled reasoning prompts that the LRM answers before training, a hub "
+                   'dataset id, a local data directory, a save_to_disk directory, or a .jsonl of '
+                   '{"question": text} lines (only the prompts are read)')
+    p.add_argument("--text-config", default=None, help="config of a hub --text-data; if not "
+                   "given, GSM8K's main, or none")
+    p.add_argument("--text-split", default="train", help="split of a hub/local --text-data")
+    p.add_argument("--text-column", default="question", help="prompt column of --text-data")
+    p.add_argument("--text-samples", type=int, default=128,
+                   help="text prompts used, the first N (ours)")
     p.add_argument("--gate-init", type=float, default=0.0, help="initial logit of every gate "
                    "(paper: 0, half open; the flag is ours, for the ablation)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps on the gates (ours)")
@@ -642,14 +761,15 @@ def parse_args(argv=None):
 
 TRAINING = ("alpha", "objective", "gate_init", "steps", "lr", "grad_accum", "cache_teacher",
             "gradient_checkpointing")
+TEXT = ("beta", "text_data", "text_config", "text_split", "text_column", "text_samples")
 DATA = ("data", "data_split", "image_column", "question_column", "num_samples", "max_pixels",
         "max_new_tokens", "batch_size")
 # Flags that another flag voids or contradicts: (flag, voided when, why). A flag the user gave in
 # such a pair is refused before any work, in one sentence that names both.
 VOIDED = [(flag, "no_train", "--no-train trains nothing and reads no data")
-          for flag in TRAINING + DATA + ("seed",)] + \
+          for flag in TRAINING + DATA + TEXT + ("seed",)] + \
          [(flag, "scan", "--scan trains nothing and sets lambda itself")
-          for flag in TRAINING + ("lam", "seed")] + [
+          for flag in TRAINING + TEXT + ("lam", "seed")] + [
     ("scan", "no_train", "--no-train writes a Task Arithmetic model and --scan writes none"),
     ("scan", "dry_run", "--dry-run plans a training run's memory, and --scan is not one"),
     ("no_train", "dry_run", "--dry-run plans a training run's memory, and --no-train is not one"),
@@ -677,12 +797,19 @@ def check_flags(args):
         if dest in given and not getattr(args, needs):
             raise InputError(f"{flag_name(dest)} has no effect without {flag_name(needs)} "
                              f"({why}).")
-    for dest in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank"):
+    for dest in TEXT:
+        if dest in given and not OBJECTIVES[args.objective].text:
+            raise InputError(f"{flag_name(dest)} has no effect with --objective {args.objective} "
+                             f"(only an objective that reads the text stream, such as dual, "
+                             f"uses it).")
+    for dest in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank",
+                 "text_samples"):
         if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
             raise InputError(f"{flag_name(dest)} must be a positive integer, not "
                              f"{getattr(args, dest)}.")
-    ranges = {"lam": (-math.inf, False), "alpha": (0.0, True), "lr": (0.0, False),
-              "device_memory": (0.0, False), "gate_init": (-math.inf, False)}  # (lowest, allowed)
+    ranges = {"lam": (-math.inf, False), "alpha": (0.0, True), "beta": (0.0, True),
+              "lr": (0.0, False), "device_memory": (0.0, False),
+              "gate_init": (-math.inf, False)}  # (lowest, allowed)
     for dest, (low, inclusive) in ranges.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -963,7 +1090,8 @@ def load_calibration(args):
                 if len(samples) == args.num_samples:
                     break
     else:
-        for example in dataset_rows(args):
+        for example in dataset_rows("--data", args.data, args.data_split,
+                                    (args.image_column, args.question_column)):
             samples.append((example[args.image_column], example[args.question_column]))
             if len(samples) == args.num_samples:
                 break
@@ -982,18 +1110,107 @@ def open_dataset(path, split, config=None, streaming=False):
     return datasets.load_dataset(path, config, split=split, streaming=streaming)
 
 
-def dataset_rows(args):
+def dataset_rows(flag, path, split, columns, config=None):
     """Rows of a hub dataset, streamed (only what is used is downloaded), or a saved one."""
     try:
-        ds = open_dataset(args.data, args.data_split, streaming=True)
+        ds = open_dataset(path, split, config, streaming=True)
     except Exception as e:
-        raise InputError(f"--data {args.data!r} split {args.data_split!r} could not be loaded "
+        raise InputError(f"{flag} {path!r} split {split!r} could not be loaded "
                          f"({type(e).__name__}: {e}).") from e
-    columns = ds.column_names or list(ds.features or [])
-    for column in (args.image_column, args.question_column):
-        if columns and column not in columns:
-            raise InputError(f"--data {args.data!r} has no column {column!r} (it has {columns}).")
+    has = ds.column_names or list(ds.features or [])
+    for column in columns:
+        if has and column not in has:
+            raise InputError(f"{flag} {path!r} has no column {column!r} (it has {has}).")
     return ds
+
+
+# ---- the text stream (--objective dual): prompts, then the LRM's answers --------------------
+
+def reads_text(args):
+    """Does the run train with an objective that reads the text stream?"""
+    return not args.no_train and not args.scan and OBJECTIVES[args.objective].text
+
+
+def load_text_prompts(args):
+    """The text stream's unlabelled reasoning prompts: a .jsonl of {"question": text} lines, or
+    one column of a hub/local dataset (its answers, if it has any, are never read)."""
+    prompts, flag = [], "--text-data"
+    if args.text_data.endswith(".jsonl"):
+        if not os.path.isfile(args.text_data):
+            raise InputError(f"{flag} {args.text_data!r} does not exist.")
+        with open(args.text_data) as f:
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line)["question"])
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise InputError(f"{flag} {args.text_data!r} line {n} is not a "
+                                         f'{{"question": text}} item ({e}).') from e
+    else:  # ours: GSM8K, the default, has two configs; the plain one is "main"
+        config = args.text_config or ("main" if args.text_data == GSM8K else None)
+        rows = (row[args.text_column] for row in dataset_rows(
+            flag, args.text_data, args.text_split, (args.text_column,), config))
+    for prompt in rows:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{flag} {args.text_data!r} holds a prompt that is not text "
+                             f"({prompt!r:.60}).")
+        prompts.append(prompt)
+        if len(prompts) == args.text_samples:
+            break
+    if not prompts:
+        raise InputError(f"{flag} {args.text_data!r} holds no prompts.")
+    return prompts
+
+
+def check_text_stream(vlm, lrm):
+    """Ours: the text stream's KL compares the LRM's next-token distribution with the merged
+    model's, at the LRM's answer ids read by the VLM. So both need one output size and one
+    vocabulary; their added tokens (chat formats) may differ, and an answer ends before the
+    first token that the VLM reads as another (R1-Distill's `</think>` is Qwen2.5-VL's
+    `<|box_end|>`). Returns those token ids."""
+    from transformers import AutoTokenizer
+    sizes = {flag: language_config(load_config(path, flag)).vocab_size
+             for flag, path in (("--vlm", vlm), ("--lrm", lrm))}
+    if sizes["--vlm"] != sizes["--lrm"]:
+        raise InputError(f"--objective dual compares the LRM's next-token distribution with the "
+                         f"VLM's, but their output sizes differ ({sizes['--lrm']} and "
+                         f"{sizes['--vlm']}).")
+    tokenizers = {}
+    for flag, path in (("--vlm", vlm), ("--lrm", lrm)):
+        try:
+            tokenizers[flag] = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise InputError(f"{flag} {path!r} has no readable tokenizer ({type(e).__name__}).") \
+                from e
+    vlm_tok, lrm_tok = tokenizers["--vlm"], tokenizers["--lrm"]
+    added = {**vlm_tok.get_added_vocab(), **lrm_tok.get_added_vocab()}
+    plain = lambda tok: {t: i for t, i in tok.get_vocab().items() if t not in added}  # noqa: E731
+    if plain(vlm_tok) != plain(lrm_tok):
+        raise InputError("--objective dual reads the LRM's answers with the VLM's tokenizer, but "
+                         "the two tokenizers' vocabularies differ: they are not one family.")
+    return {i for tok, other in ((lrm_tok, vlm_tok), (vlm_tok, lrm_tok))
+            for t, i in tok.get_added_vocab().items() if other.convert_ids_to_tokens(i) != t}
+
+
+def answer_text_prompts(lrm_path, prompts, unreadable, args):
+    """Load the LRM, let it answer the prompts (lrm_answers), release it: (items, log p_lrm)."""
+    import gc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lrm = AutoModelForCausalLM.from_pretrained(lrm_path, dtype=getattr(torch, args.dtype),
+                                               device_map=args.device_map)
+    if args.device_map is None:
+        lrm.to(args.device)
+    lrm.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(lrm_path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    try:
+        return lrm_answers(lrm, tokenizer, prompts, unreadable, args)
+    finally:
+        del lrm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def load_vlm(path, dtype, device, device_map=None):
@@ -1107,14 +1324,22 @@ def parameter_count(name, cfg):
         return counted_parameters(cfg), "counted from config.json"
 
 
-def memory_plan(cfg, parameters, args, device_gib):
+TEXT_PROMPT_TOKENS = 256  # the plan's length of a text-stream prompt (ours: GSM8K's are shorter)
+
+
+def memory_plan(cfg, parameters, args, device_gib, lrm_parameters=None):
     """Bytes of everything a run holds at its peak, and the largest --rank that fits (ours: an
-    estimate; activations are those the backward pass to the gates keeps, per token and layer)."""
+    estimate; activations are those the backward pass to the gates keeps, per token and layer).
+    With a text stream, its micro-batch adds its activations, and the LRM's answering stage,
+    before the VLM loads, is planned on its own."""
     t = language_config(cfg)
     b = torch.finfo(getattr(torch, args.dtype)).bits // 8
     shapes = list(expected_shapes(t).values())
     tokens = args.batch_size * (args.max_pixels // (28 * 28) + 64 + args.max_new_tokens)
+    text_tokens = args.batch_size * (TEXT_PROMPT_TOKENS + args.max_new_tokens) \
+        if lrm_parameters else 0
     layers, h, i = t.num_hidden_layers, t.hidden_size, t.intermediate_size
+    logits = args.batch_size * args.max_new_tokens * t.vocab_size * 4 * 4
 
     def plan(rank):
         keep = kept_directions(args) if args.band else slice(None, rank)
@@ -1123,11 +1348,12 @@ def memory_plan(cfg, parameters, args, device_gib):
         one_layer = 12 * h + 3 * i + 2 * sum(r) / layers  # what a layer keeps for its backward
         per_token = b * (layers * h + one_layer if args.gradient_checkpointing else
                          layers * one_layer)
-        logits = args.batch_size * args.max_new_tokens * t.vocab_size * 4 * 4
         items = {"VLM weights": parameters * b, "frozen factors U, S, Vh": factors,
                  "gates, gradients, AdamW state": sum(r) * 4 * 4,
                  "activations (estimate)": tokens * per_token + logits,
                  "SVD workspace (transient)": 3 * max(o * n for o, n in shapes) * 4}
+        if text_tokens:
+            items["text stream activations (est.)"] = text_tokens * per_token + logits
         return items, sum(items.values()) / 2 ** 30
 
     items, total = plan(args.rank)
@@ -1136,9 +1362,18 @@ def memory_plan(cfg, parameters, args, device_gib):
         top = max(min(s) for s in shapes)
         fitting = next((k for k in range(top - top % 64, 0, -64) if plan(k)[1] <= device_gib),
                        None)
-    return {"items": {k: v / 2 ** 30 for k, v in items.items()}, "total_gib": total,
-            "device_gib": device_gib, "tokens": tokens,
-            "fits": None if not device_gib else total <= device_gib, "rank_that_fits": fitting}
+    out = {"items": {k: v / 2 ** 30 for k, v in items.items()}, "total_gib": total,
+           "device_gib": device_gib, "tokens": tokens,
+           "fits": None if not device_gib else total <= device_gib, "rank_that_fits": fitting}
+    if lrm_parameters:  # generation's KV cache, then one pass for the LRM's log-probs
+        kv = text_tokens * layers * 2 * t.num_key_value_heads * config_value(t, "head_dim") * b
+        lrm = {"LRM weights": lrm_parameters * b, "KV cache, activations (est.)":
+               kv + text_tokens * (h + i) * b * 4 + logits}
+        out["lrm_stage"] = {k: v / 2 ** 30 for k, v in lrm.items()}
+        out["lrm_stage_gib"] = sum(lrm.values()) / 2 ** 30
+        if device_gib:
+            out["fits"] = out["fits"] and out["lrm_stage_gib"] <= device_gib
+    return out
 
 
 def dry_run(args):
@@ -1154,15 +1389,22 @@ def dry_run(args):
     if args.out:
         check_out(args.out, [args.vlm, args.lrm, args.base], args.overwrite)
     parameters, source = parameter_count(args.vlm, configs["vlm"])
+    lrm_parameters = parameter_count(args.lrm, configs["lrm"])[0] if reads_text(args) else None
     device_gib = args.device_memory or (torch.cuda.get_device_properties(0).total_memory / 2 ** 30
                                         if args.device.startswith("cuda") and
                                         torch.cuda.is_available() else None)
-    plan = memory_plan(configs["vlm"], parameters, args, device_gib)
+    plan = memory_plan(configs["vlm"], parameters, args, device_gib, lrm_parameters)
     if plan["fits"] is False and not args.gradient_checkpointing:
         plan["checkpointing_fits"] = memory_plan(configs["vlm"], parameters, argparse.Namespace(
-            **dict(vars(args), gradient_checkpointing=True)), device_gib)["fits"]
+            **dict(vars(args), gradient_checkpointing=True)), device_gib, lrm_parameters)["fits"]
     print(f"FRISM memory plan: {args.dtype}, rank {args.rank or 'all'}, batch {args.batch_size}, "
           f"{plan['tokens'] // args.batch_size} tokens a sample, VLM parameters {source}")
+    if lrm_parameters:
+        print(f"  first, the LRM answers at most {args.text_samples} text prompts and is released:")
+        for item, gib in plan["lrm_stage"].items():
+            print(f"  {item:32s} {gib:8.2f} GiB")
+        print(f"  {'peak of that stage':32s} {plan['lrm_stage_gib']:8.2f} GiB")
+        print("  then the VLM loads and trains:")
     for item, gib in plan["items"].items():
         print(f"  {item:32s} {gib:8.2f} GiB")
     print(f"  {'total':32s} {plan['total_gib']:8.2f} GiB")
@@ -1175,6 +1417,11 @@ def dry_run(args):
     cache = args.num_samples * args.max_new_tokens * language_config(configs["vlm"]).vocab_size * 4
     print(f"  host memory for a teacher cache: at most {cache / 2 ** 30:.2f} GiB (taken by "
           f"--cache-teacher auto where it fits and the objective reads the teacher)")
+    if lrm_parameters:
+        kept = args.text_samples * args.max_new_tokens * language_config(
+            configs["vlm"]).vocab_size * 4
+        print(f"  host memory for the LRM's log-probs on the text stream: at most "
+              f"{kept / 2 ** 30:.2f} GiB (always kept: the LRM is gone when training starts)")
     return plan
 
 
@@ -1317,15 +1564,20 @@ def frism_card(args, command, report):
                     "objective": report["objective"], "gate start (--gate-init)": args.gate_init,
                     "steps": args.steps, "directions": directions,
                     "calibration data": f"{args.data}{split}, at most {args.num_samples} questions"}
+        if reads_text(args):
+            settings["beta (--beta)"] = args.beta
+            settings["text stream (--text-data)"] = (
+                f"{args.text_data}, {report['text_stream']['answers']} prompts answered by the "
+                f"LRM (at most {args.text_samples})")
         stats = [s for s in report["gates"].values() if s["rank"]]
         ranks = sum(s["rank"] for s in stats)
         mean = sum(s["mean"] * s["rank"] for s in stats) / ranks
         open_ = sum(s["open"] * s["rank"] for s in stats) / ranks
         last = {k: v for k, v in report["loss_curve"][-1].items()
                 if k not in ("step", "loss", "mean_gate")}
-        figures = [f"{len(report['gates'])} gated layers, {ranks} gates: mean sigmoid(g) "
-                   f"{mean:.3f}, {100 * open_:.1f} % above 0.5 (all start at "
-                   f"{torch.sigmoid(torch.tensor(args.gate_init)).item():.2f}).",
+        figures = [f"{len(report['gates'])} gated layers, {ranks} gates: mean gate (S_eff / S) "
+                   f"{mean:.3f}, {100 * open_:.1f} % above 0.5 (at the start: "
+                   f"{report['mean_gate_at_start']:.2f}).",
                    f"Injected spectral energy at the end of training: {report['injected']:.3f} "
                    f"of the task vectors'.",
                    "The objective's terms at the last step: " + ", ".join(
@@ -1376,18 +1628,29 @@ def run(args, command="", make_objective=None):
                                               args.overwrite)
     check_selection(args, [shape for _, _, shape in lrm_index.values()])
     samples = None if args.no_train else load_calibration(args)
+    prompts = load_text_prompts(args) if reads_text(args) else None
+    if prompts:
+        lrm = local_dir(args.lrm, "--lrm")
+        unreadable = check_text_stream(vlm, lrm)
     lap("check")
     frugal_host_memory()
+    text = None
+    if prompts:  # the LRM answers first and is released, so it never sits beside the VLM
+        text = answer_text_prompts(lrm, prompts, unreadable, args)
+        lap("lrm_answers")
     model, processor = load_vlm(vlm, args.dtype, args.device, args.device_map)
     lap("load")
     if args.scan:
         report = {"scan": scan(model, processor, lrm_index, base_index, samples, args, lap)}
     elif args.no_train:
-        trained, report = task_arithmetic_merge(model, lrm_index, base_index, args, lap)
+        trained, gates, report = task_arithmetic_merge(model, lrm_index, base_index, args, lap)
     else:
-        trained, report = subspace_merge(model, processor, lrm_index, base_index, samples, args,
-                                         make_objective, lap)
+        trained, gates, report = subspace_merge(model, processor, lrm_index, base_index, samples,
+                                                args, make_objective, lap, text)
         report["objective"] = objective_name(args, make_objective)
+        if text:
+            report["text_stream"] = {"prompts": len(prompts), "answers": len(text[0]),
+                                     "answer_tokens": sum(len(a.ids) for a in text[0])}
     report = {"args": vars(args), "command": command, "versions": versions(),
               "seconds": lap.seconds, "memory": dict(peak_memory(), after_stage=lap.peaks),
               **report}
@@ -1398,6 +1661,7 @@ def run(args, command="", make_objective=None):
         return report
     save(model, processor, args.out, checkpoint_dtype(vlm, model.dtype),
          {"frism_gates.safetensors": write_tensors(trained),
+          "frism_gate_values.safetensors": write_tensors(gates),
           "frism_report.json": write_json(report),
           "README.md": frism_card(args, command, report)}, args.overwrite)
     return report
@@ -1405,21 +1669,24 @@ def run(args, command="", make_objective=None):
 
 def task_arithmetic_merge(model, lrm_index, base_index, args, lap):
     """--no-train: every gate fully open. At full rank exactly and without an SVD; with --rank or
-    --band through the gated layers (truncated Task Arithmetic). The saved gates are +inf."""
+    --band through the gated layers (truncated Task Arithmetic). The saved gates are +inf, every
+    gate value 1."""
     if kept_directions(args) == slice(None):
         layers = task_arithmetic(model, lrm_index, base_index, args.lam)
-        trained = {f"{path}.g": torch.full((min(m.weight.shape),), math.inf)
-                   for path, m in layers.values()}
+        ranks = {path: min(m.weight.shape) for path, m in layers.values()}
         lap("task_arithmetic")
-        return trained, {"gates": {}, "loss_curve": []}  # no subspaces were formed
+        return ({f"{path}.g": torch.full((r,), math.inf) for path, r in ranks.items()},
+                {path: torch.ones(r) for path, r in ranks.items()},
+                {"gates": {}, "loss_curve": []})  # no subspaces were formed
     gated = inject(model, lrm_index, base_index, args)
     lap("svd")
     for layer in gated.values():
         layer.g.data.fill_(math.inf)  # every kept gate fully open
     trained, stats = trained_parameters(gated), gate_statistics(gated)
+    gates = {path: layer.gates() for path, layer in gated.items()}
     fold(model, gated)
     lap("fold")
-    return trained, {"gates": stats, "loss_curve": []}
+    return trained, gates, {"gates": stats, "loss_curve": []}
 
 
 def scan(model, processor, lrm_index, base_index, samples, args, lap):

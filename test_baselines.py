@@ -1,24 +1,20 @@
 """Each test states one property of a baseline merge (baselines.py), on the tiny trio."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import baselines
 import frism
-from test_frism import tensors
+from test_frism import cli, run_main, tensors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def merge_cli(trio, method, out, *extra):
-    cmd = [sys.executable, os.path.join(HERE, "baselines.py"), method, "--vlm", trio["vlm"],
-           "--lrm", trio["lrm"], "--base", trio["base"], "--out", str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    return run_main(baselines.main, [method, "--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base",
+                                     trio["base"], "--out", str(out), *extra])
 
 
 def merged(trio, method, tmp_path, *extra):
@@ -38,10 +34,7 @@ def changed_layers(trio, merged_tensors):
 
 def test_ta_is_frism_no_train(trio, tmp_path):
     ta, _ = merged(trio, "ta", tmp_path, "--lam", "0.6")
-    done = subprocess.run([sys.executable, os.path.join(HERE, "frism.py"), "--vlm", trio["vlm"],
-                           "--lrm", trio["lrm"], "--base", trio["base"], "--no-train", "--lam",
-                           "0.6", "--out", str(tmp_path / "frism")], capture_output=True)
-    assert done.returncode == 0
+    assert cli(trio, tmp_path / "frism", "--no-train", "--lam", "0.6").returncode == 0
     reference = tensors(tmp_path / "frism")
     assert all(torch.equal(ta[k], reference[k]) for k in reference)
 

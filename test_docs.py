@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROJECT = ["frism.py", "baselines.py", "eval.py", "toy.py", "test_frism.py", "test_baselines.py",
-           "conftest.py"]
+PROJECT = ["frism.py", "baselines.py", "eval.py", "toy.py", "test_frism.py", "test_toy.py",
+           "test_baselines.py", "conftest.py"]
 
 
 def sections(path):
@@ -50,7 +51,7 @@ def smoke_world(tmp_path_factory):
     """A smoke-sized miniature world, cached where `toy.py --only` looks for seed 0."""
     import toy
     root = tmp_path_factory.mktemp("toy")
-    toy.ensure_world(str(root / "seed-0"), 0, smoke=True, rebuild=False)
+    toy.ensure_world(str(root / "seed-0"), 0, smoke=True)
     return root
 
 
@@ -69,19 +70,17 @@ def test_every_fork_of_the_forking_page_applies_and_runs(trio, smoke_world, tmp_
             apply(code, root)
     env = dict(os.environ, VLM=trio["vlm"], LRM=trio["lrm"], BASE=trio["base"],
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    commands = []
     for language, code in blocks:
         for command in (c for c in code.splitlines() if c.strip() and language == "bash"):
             if command.startswith("python frism.py") and "--no-train" not in command:
                 command += f" --data {trio['data']} --steps 2 --max-new-tokens 6"
             if command.startswith("python toy.py"):
                 command += f" --smoke --dir {smoke_world}"
-            command = command.replace("python ", f"{sys.executable} ", 1)
-            done = subprocess.run(command, shell=True, cwd=root, env=env, capture_output=True,
-                                  text=True)
-            assert done.returncode == 0, (command, done.stderr[-3000:])
-    check = subprocess.run([sys.executable, "-c", CHECK_ROWS, str(smoke_world)], cwd=root,
-                           env=env, capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr[-3000:]
+            commands.append(command)
+    done = subprocess.run([sys.executable, "-c", COMMANDS, str(smoke_world), *commands],
+                          cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     if title.startswith("1."):
         report = json.load(open(root / "merged-reverse-kl" / "frism_report.json"))
         assert report["objective"].startswith("reverse_kl")
@@ -91,6 +90,18 @@ def test_every_fork_of_the_forking_page_applies_and_runs(trio, smoke_world, tmp_
         saved = load_file(root / "merged-shift" / "frism_gates.safetensors")
         shifts = [v for k, v in saved.items() if k.endswith(".h")]
         assert len(shifts) == 14 and any(v.item() != 0 for v in shifts)  # trained and saved
+        # every figure of the gates is the edited layer's own, S_eff / S = sigmoid(g + h)
+        gates = load_file(root / "merged-shift" / "frism_gate_values.safetensors")
+        for path, gate in gates.items():
+            torch.testing.assert_close(gate, torch.sigmoid(saved[f"{path}.g"] + saved[f"{path}.h"]))
+        report = json.load(open(root / "merged-shift" / "frism_report.json"))
+        mean = torch.cat(list(gates.values())).mean().item()
+        assert abs(report["loss_curve"][-1]["mean_gate"] - mean) < 1e-5
+        # and the suite's properties of the gated layer hold for the edited one
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "layer", "-p",
+                               "no:cacheprovider", "test_frism.py"], cwd=root, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:]
     if title.startswith("3."):
         help_text = subprocess.run([sys.executable, "baselines.py", "iso_c", "--help"], cwd=root,
                                    capture_output=True, text=True).stdout
@@ -99,18 +110,28 @@ def test_every_fork_of_the_forking_page_applies_and_runs(trio, smoke_world, tmp_
             "iso_c"
 
 
-# Run in the forked copy: every row the fork added to the miniature's table is in the summary
-# that `toy.py --only` wrote, and its output meets its expectation in ROW_EXPECTATIONS.
-CHECK_ROWS = """
-import fnmatch, json, os, sys
-import toy, test_frism
-summary = json.load(open(os.path.join(sys.argv[1], "summary.json")))
+# Run in the forked copy, in one interpreter (one start instead of one a command): each of a
+# section's commands ("python PROGRAM ARGS", $VLM and the like expanded) as its program's
+# __main__ would run it; then every row the fork added to the miniature's table must be in the
+# summary that `toy.py --only` wrote, and its output meet its expectation in ROW_EXPECTATIONS.
+COMMANDS = """
+import fnmatch, json, os, runpy, shlex, sys
+world, commands = sys.argv[1], sys.argv[2:]
+for command in commands:
+    sys.argv = shlex.split(os.path.expandvars(command))[1:]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            sys.exit(f"{command!r} exited with {e.code!r}")
+import toy, test_toy
+summary = json.load(open(os.path.join(world, "summary.json")))
 new = summary["per_seed"][0]["only"]
 assert new, "no row was made"
 for name in new:
     assert name in summary["rows"], name
-    checks = [c for p, c in test_frism.ROW_EXPECTATIONS if fnmatch.fnmatchcase(name, p)]
-    assert checks and all(c(test_frism.row_report(summary, name)) for c in checks), name
+    checks = [c for p, c in test_toy.ROW_EXPECTATIONS if fnmatch.fnmatchcase(name, p)]
+    assert checks and all(c(test_toy.row_report(summary, name)) for c in checks), name
 """
 
 
@@ -152,7 +173,7 @@ def test_every_figure_of_the_readmes_miniature_table_is_in_the_committed_summary
     assert rows
     for first, *cells in rows:
         name = re.search(r"`([^`]+)`", first).group(1)
-        figures = summary["rows"][name]
+        figures = summary["rows"].get(name) or summary["chosen_rows"][name]
         assert [c.strip() for c in cells] == [toy.cell(figures[c]) for c in
                                               ("perception", "vl_reasoning")], name
 
@@ -177,7 +198,7 @@ def test_the_dry_run_plans_in_the_docs_are_what_the_code_prints(tmp_path, capsys
     page = open(os.path.join(HERE, "docs", "memory-and-speed.md")).read()
     shown = re.findall(r"^\$ (python frism\.py .*?)\n(FRISM memory plan.*?)(?=^\$|^```)", page,
                        flags=re.M | re.S)
-    assert len(shown) == 2
+    assert len(shown) == 3  # the 7B and 3B pairs, and the 7B pair with --objective dual
     for command, output in shown:
         argv = command.replace("\\\n", " ").split()[2:]
         vlm = argv[argv.index("--vlm") + 1]

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
+from test_frism import run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -210,9 +211,7 @@ def local_bench(tmp_path_factory):
 
 
 def run_eval(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), *args],
-                          capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    return run_main(ev.main, list(args))
 
 
 def test_eval_scores_a_vlm_and_a_text_only_lrm_side_by_side(trio, local_bench, tmp_path):

@@ -1,9 +1,13 @@
 """Each test states one property of FRISM, on a tiny trio of the real Hugging Face classes."""
+import contextlib
+import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -135,6 +139,22 @@ def test_rank_keeps_the_top_k_subspaces(trio):
     assert torch.all(layer.S[:-1] >= layer.S[1:])  # descending
 
 
+def test_a_band_injected_alone_is_eq7_with_its_gates_open_and_all_others_closed(trio, tmp_path):
+    assert cli(trio, tmp_path / "band", "--no-train", "--band", "2", "4", "--lam", "0.7"
+               ).returncode == 0
+    merged = tensors(tmp_path / "band")
+    model, _, gated, _ = merged_model(trio, "--lam", "0.7")
+    for layer in gated.values():
+        layer.g.data.fill_(-math.inf)
+        layer.g.data[1:4] = math.inf  # directions 2, 3 and 4 (1-based)
+    frism.fold(model, gated)
+    for key, value in model.state_dict().items():
+        if frism.DECODER_PATH.search(key):
+            on_disk = key.replace("model.language_model.", "model.")
+            torch.testing.assert_close(merged[on_disk], value, atol=1e-5, rtol=1e-4)
+    assert cli(trio, tmp_path / "x", "--no-train", "--band", "3", "2").returncode == 2
+
+
 def test_factors_live_in_the_working_dtype_and_gates_in_fp32(trio):
     _, _, gated, _ = merged_model(trio, "--dtype", "bfloat16")
     for layer in gated.values():
@@ -183,23 +203,33 @@ def test_inject_loss_is_the_negative_injected_energy_fraction(trio):
     assert frism.inject_loss(gated).item() == pytest.approx(-1.0)
 
 
+@pytest.mark.layer
 def test_only_the_gates_receive_gradients(trio):
+    """Only what the gated layers add (FRISM: the gates g, one a direction) gets a gradient."""
     model, processor, gated, args = merged_model(trio)
     batch, mask = a_batch(trio, processor, args)
     loss = frism.distill_loss(*student_and_teacher(model, gated, batch, mask)) + \
         frism.inject_loss(gated)
     loss.backward()
-    gates = {id(layer.g) for layer in gated.values()}
+    added = {id(p) for p in frism.trained_parameters(gated).values()}
+    assert {id(layer.g) for layer in gated.values()} <= added
     for name, p in model.named_parameters():
-        if id(p) in gates:
+        if id(p) in added:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
 
 
+def frozen_weights(model, gated):
+    """Every tensor of the model but those the gated layers add, as it is now."""
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k not in frism.trained_parameters(gated)}
+
+
+@pytest.mark.layer
 def test_training_leaves_every_other_weight_untouched(trio):
     model, processor, gated, args = merged_model(trio, "--steps", "3")
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
+    frozen = frozen_weights(model, gated)
     train(model, processor, gated, args)
     after = model.state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # vision, embeddings, lm_head...
@@ -208,7 +238,7 @@ def test_training_leaves_every_other_weight_untouched(trio):
 
 @pytest.mark.parametrize("alpha, direction", [(0.0, -1), (50.0, +1)])
 def test_gates_fall_without_inject_and_rise_with_it(trio, alpha, direction):
-    model, processor, gated, args = merged_model(trio, "--steps", "20", "--lr", "0.2",
+    model, processor, gated, args = merged_model(trio, "--steps", "30", "--lr", "0.2",
                                                  "--alpha", str(alpha))
     history, _ = train(model, processor, gated, args)
     assert direction * (history[-1]["mean_gate"] - 0.5) > 0.05
@@ -290,18 +320,46 @@ def test_teacher_answers_end_at_the_end_of_turn_or_the_limit(trio):
 
 # ---- the command line, end to end ------------------------------------------------------------
 
+class Ran(NamedTuple):
+    """What a run of a program left: its exit code and what it printed."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(main, argv):
+    """A program's main(argv) in this process, as its command line would run it (starting an
+    interpreter costs more than most of these runs): its exit code and what it printed. The
+    command line itself, `python frism.py ...`, runs in a process of its own in frism_run."""
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # guarded() sets its own handler
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's --help and usage errors
+                code = e.code if isinstance(e.code, int) else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
 def cli(trio, out, *extra):
-    cmd = [sys.executable, os.path.join(HERE, "frism.py"), "--vlm", trio["vlm"], "--lrm",
-           trio["lrm"], "--base", trio["base"], "--out", str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ,
-                          HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    return run_main(frism.main, ["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base",
+                                 trio["base"], "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
 def frism_run(trio, tmp_path_factory):
+    """`python frism.py ...` itself, in a process of its own."""
     out = tmp_path_factory.mktemp("cli") / "merged"
-    done = cli(trio, out, "--data", trio["data"], "--steps", "4", "--lam", "0.9",
-               "--max-new-tokens", "6", "--rank", "40")
+    cmd = [sys.executable, os.path.join(HERE, "frism.py"), "--vlm", trio["vlm"], "--lrm",
+           trio["lrm"], "--base", trio["base"], "--out", str(out), "--data", trio["data"],
+           "--steps", "4", "--lam", "0.9", "--max-new-tokens", "6", "--rank", "40"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -325,17 +383,21 @@ def test_cli_output_has_the_input_checkpoint_names_and_only_merged_weights_chang
     assert len(changed) == 7 * 2  # q, k, v, o, gate, up, down in each of the 2 layers
 
 
+@pytest.mark.layer
 def test_cli_weights_follow_eq7_with_an_independent_svd_and_the_saved_gates(trio, frism_run):
+    """W = W_vlm + lam U diag(gate * S) Vh, with the gate of every direction as the run saved
+    it (frism_gate_values.safetensors: S_eff / S, FRISM's sigmoid(g))."""
     vlm, merged = tensors(trio["vlm"]), tensors(frism_run)
-    gates = load_file(os.path.join(frism_run, "frism_gates.safetensors"))
-    assert len(gates) == 14
-    for key, g in gates.items():
-        name = key.split("language_model.", 1)[1].removesuffix(".g")
+    gates = load_file(os.path.join(frism_run, "frism_gate_values.safetensors"))
+    params = load_file(os.path.join(frism_run, "frism_gates.safetensors"))
+    assert len(gates) == 14 and {f"{path}.g" for path in gates} <= set(params)
+    for key, gate in gates.items():
+        name = key.split("language_model.", 1)[1]
         U, S, Vh = torch.linalg.svd(task_vector(trio, name), full_matrices=False)
         k = min(40, len(S))  # k_proj and v_proj have only 32 directions
-        assert g.shape == (k,)
+        assert gate.shape == params[f"{key}.g"].shape == (k,)
         expected = vlm["model." + name + ".weight"] + 0.9 * (
-            U[:, :k] * (torch.sigmoid(g) * S[:k])) @ Vh[:k]
+            U[:, :k] * (gate * S[:k])) @ Vh[:k]
         torch.testing.assert_close(merged["model." + name + ".weight"], expected,
                                    atol=1e-5, rtol=1e-4)
 
@@ -460,6 +522,9 @@ FLAG_DECISIONS = [
     ("frism", ["--scan", "0.1", "--gate-init", "4"], "refused",
      "--gate-init has no effect with --scan"),
     ("frism", ["--band", "1", "4", "--rank", "3"], "refused", "--rank has no effect with --band"),
+    ("frism", ["--text-data", "{data}"], "refused", "--text-data has no effect with --objective eq10"),
+    ("frism", ["--objective", "entropy", "--beta", "0.5"], "refused",
+     "--beta has no effect with --objective entropy"),
     ("frism", ["--device-memory", "10", "--no-train"], "refused",
      "--device-memory has no effect without --dry-run"),
     ("frism", ["--device-map", "auto", "--device", "cpu"], "refused",
@@ -533,13 +598,14 @@ def test_every_flag_pair_frism_voids_is_in_the_decision_table():
     is stated (one flag of each group is enough for the groups --no-train and --scan void)."""
     cases = [set(extra) for program, extra, decision, _ in FLAG_DECISIONS
              if program.startswith("frism") and decision == "refused"]
-    groups = frism.TRAINING + frism.DATA + ("lam", "seed")
+    groups = frism.TRAINING + frism.DATA + frism.TEXT + ("lam", "seed")
     for dest, by, _ in frism.VOIDED:
         if dest not in groups:
             assert any({frism.flag_name(dest), frism.flag_name(by)} <= c for c in cases), dest
     for dest, needs, _ in frism.VOIDED_UNLESS:
         assert any(frism.flag_name(dest) in c and frism.flag_name(needs) not in c
                    for c in cases), dest
+    assert any(frism.flag_name(frism.TEXT[0]) in c for c in cases)  # the text stream's flags
 
 
 def test_a_band_beyond_every_layers_rank_is_refused_before_loading_the_vlm(trio, tmp_path,
@@ -657,171 +723,6 @@ def test_soft_config_differences_only_warn(trio):
     other.num_key_value_heads = 4
     with pytest.raises(frism.InputError, match="num_key_value_heads"):
         frism.check_configs(vlm, {"--lrm": other})
-
-
-# ---- the paper in miniature (toy.py), smoke-sized --------------------------------------------
-
-# What each row of the miniature must show in its output: (row-name pattern, check of its report).
-# A new line of toy.MINIATURE needs its expectation here.
-ROW_EXPECTATIONS = [
-    ("VLM", lambda report: report is None),  # the VLM itself, no merge
-    ("TA [0-9]*", lambda r: r["method"] == "ta"),
-    ("TIES", lambda r: r["method"] == "ties"),
-    ("DARE", lambda r: r["method"] == "dare"),
-    ("IP T=*", lambda r: r["method"] == "ip"),
-    ("selective *", lambda r: r["method"] == "selective"),
-    ("STAR *", lambda r: r["method"] == "star"),
-    ("TSV *", lambda r: r["method"] == "tsv"),
-    ("FRISM *", lambda r: r["objective"].startswith("eq10") and len(r["loss_curve"]) == 2),
-    ("FRISM open *", lambda r: r["args"]["gate_init"] == 4.0),
-    ("entropy *", lambda r: r["objective"].startswith("entropy") and "kl" not in r["loss_curve"][0]
-     and r["calibration"]["teacher_passes"] == 0),
-    ("oracle *", lambda r: "toy.oracle" in r["objective"] and "chain_ce" in r["loss_curve"][0]),
-    ("TA top-*", lambda r: r["args"]["no_train"] and r["args"]["lam"] == 1.0),
-    ("band *", lambda r: r["args"]["no_train"] and r["args"]["band"]),
-    ("FRISM alpha=0.1 lam=*", lambda r: r["args"]["alpha"] == 0.1),
-]
-
-
-def row_report(summary, name):
-    path = summary["per_seed"][0]["models"][name]
-    for file in ("frism_report.json", "baselines_report.json"):
-        if os.path.exists(os.path.join(path, file)):
-            return json.loads(open(os.path.join(path, file)).read())
-    return None
-
-
-def test_toy_world_runs_end_to_end(tmp_path):
-    """A few steps of every stage: the world trains, is checked, scanned, merged by every row of
-    the miniature's table (--full), scored, plotted; each row made as its line says."""
-    import fnmatch
-    import toy
-    assert toy.main(["--dir", str(tmp_path), "--smoke", "--full"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["world_check"]) == {"LRM", "BASE", "VLM", "ideal"}
-    assert {"text_reasoning", "marker_reasoning"} <= summary["world_check"]["LRM"].keys()
-    assert {"perception", "vl_reasoning"} <= summary["world_check"]["ideal"].keys()
-    names = [name for line in toy.MINIATURE for name in line.rows()]
-    assert list(summary["rows"]) == names and len(set(names)) == len(names)  # the table's order
-    assert all(0 <= low <= mean <= high <= 100 for row in summary["rows"].values()
-               for column, (mean, low, high) in row.items() if column != "scan_kl")
-    assert all("scan_kl" in summary["rows"][f"TA {lam}"] for lam in toy.LAMBDAS)
-    assert -1 <= summary["scan_spearman"][0] <= 1
-    assert summary["lambda_rule"][0]["pick"] in toy.LAM_GRID
-    for name in names:
-        checks = [check for pattern, check in ROW_EXPECTATIONS if fnmatch.fnmatchcase(name, pattern)]
-        assert checks, f"row {name!r} has no expectation in ROW_EXPECTATIONS"
-        assert all(check(row_report(summary, name)) for check in checks), name
-    report = row_report(summary, "FRISM lam=2.0 alpha=1.0")
-    assert report["args"]["lam"] == 2.0 and report["calibration"]["questions"] == 8
-    assert row_report(summary, "band 5-16 lam=1.0")["args"]["band"] == [5, 16]
-    assert row_report(summary, "TA top-4")["args"]["rank"] == 4  # at lambda 1, as the plot says
-    for plot in ("tradeoff.png", "gates.png", "bands.png", "lam.png"):
-        assert (tmp_path / plot).stat().st_size > 1000
-
-    # --only: the named rows made anew, every other row kept from the last run
-    runs = tmp_path / "seed-0" / "runs"
-    before = {p.name: p.stat().st_mtime_ns for p in runs.iterdir() if p.is_dir()}
-    assert toy.main(["--dir", str(tmp_path), "--smoke", "--only", "entropy lam=1.0*",
-                     "TSV (α grid)"]) == 0
-    again = json.loads((tmp_path / "summary.json").read_text())
-    assert list(again["rows"]) == names  # the cached rows beside the new ones, in the same order
-    made = {"entropy_lam-1.0_alpha-0.1", "entropy_lam-1.0_alpha-1.0"} | {
-        f"TSV_{lam}" for lam in toy.LAMBDAS}
-    after = {p.name: p.stat().st_mtime_ns for p in runs.iterdir() if p.is_dir()}
-    assert {name for name in before if after[name] != before[name]} == made
-    assert sorted(again["per_seed"][0]["only"]) == sorted(
-        n for n in names if n.startswith("entropy lam=1.0") or n.startswith("TSV "))
-    with pytest.raises(SystemExit, match="names no row"):
-        toy.main(["--dir", str(tmp_path), "--smoke", "--only", "no such method"])
-
-    assert toy.main(["--dir", str(tmp_path), "--smoke", "--seeds", "2"]) == 0  # seed 0 reused
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["seeds"] == 2 and len(summary["per_seed"]) == 2
-
-
-def test_the_oracle_trains_only_gate_parameters_on_labelled_chains(trio, tmp_path):
-    """toy.py's oracle is frism.py's training loop with another objective: KL + cross-entropy on
-    VL-reasoning chains. It moves the gates, nothing else, and differently from Eq. 10."""
-    import toy
-    model, processor, gated, args = merged_model(trio, "--steps", "3", "--gate-init", "4")
-    chains = toy.reasoning_chains(processor, 8, seed=0)
-    assert all(c.question == toy.VL_REASONING_QUESTION and c.ids[-1] ==
-               processor.tokenizer.convert_tokens_to_ids("<|im_end|>") for c in chains)
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
-    answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
-    objective = toy.oracle(chains, seed=0)(model, processor, gated, answers, args)
-    batch, mask = frism.make_batch(processor, chains[:8], args.device)
-    targets = batch["input_ids"].roll(-1, dims=1)[mask]
-    assert torch.equal(targets, torch.tensor([t for c in chains[:8] for t in c.ids]))
-    history = frism.train(model, processor, gated, answers, frism.Teacher(
-        model, processor, gated, answers, args), objective, args)
-    assert {"loss", "kl", "chain_ce", "mean_gate"} <= history[-1].keys()
-    after = model.state_dict()
-    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
-    assert any(not torch.all(l.g == 4.0) for l in gated.values())
-
-
-def test_a_band_injected_alone_is_eq7_with_its_gates_open_and_all_others_closed(trio, tmp_path):
-    assert cli(trio, tmp_path / "band", "--no-train", "--band", "2", "4", "--lam", "0.7"
-               ).returncode == 0
-    merged = tensors(tmp_path / "band")
-    model, _, gated, _ = merged_model(trio, "--lam", "0.7")
-    for layer in gated.values():
-        layer.g.data.fill_(-math.inf)
-        layer.g.data[1:4] = math.inf  # directions 2, 3 and 4 (1-based)
-    frism.fold(model, gated)
-    for key, value in model.state_dict().items():
-        if frism.DECODER_PATH.search(key):
-            on_disk = key.replace("model.language_model.", "model.")
-            torch.testing.assert_close(merged[on_disk], value, atol=1e-5, rtol=1e-4)
-    assert cli(trio, tmp_path / "x", "--no-train", "--band", "3", "2").returncode == 2
-
-
-def test_the_scan_rank_correlation_is_the_spearman_coefficient():
-    import toy
-    assert toy.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert toy.spearman([1, 2, 3, 4], [9, 7, 5, 1]) == pytest.approx(-1.0)
-    assert toy.spearman([1, 2, 3], [1, 1, 1]) == 0.0
-    # ranks 1, 2.5, 2.5, 4 against 1..4: the textbook value with a tie
-    assert toy.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
-
-
-@pytest.mark.toy
-def test_the_scans_kl_rises_where_task_arithmetics_perception_falls(tmp_path):
-    """The lambda scan, validated where perception can be measured: over the miniature's Task
-    Arithmetic grid (seed 0), its label-free KL against TA's toy perception has a rank
-    correlation of -0.8 or below. Uses the world `python toy.py` cached, else builds one."""
-    import baselines
-    import toy
-    world = os.path.join(HERE, "toy_world", "seed-0", "world")
-    if not os.path.isfile(os.path.join(world, "done")):
-        world = str(tmp_path / "world")
-        toy.build_world(world, seed=0)
-    data = toy.write_benchmarks(str(tmp_path / "benchmarks"), 100, seed=1)
-    kl = toy.scan(world, data, str(tmp_path), smoke=False)
-    models = {}
-    for lam in toy.LAMBDAS:
-        models[f"TA {lam}"] = str(tmp_path / f"ta-{lam}")
-        assert baselines.main(["ta", "--vlm", f"{world}/vlm", "--lrm", f"{world}/lrm", "--base",
-                               f"{world}/base", "--lam", str(lam), "--out",
-                               models[f"TA {lam}"]]) == 0
-    rows = toy.score(models, [data["perception"]], str(tmp_path / "scores.json"))
-    rho = toy.spearman([kl[name] for name in models], [rows[name]["perception"] for name in models])
-    assert rho <= -0.8, (kl, rows)
-
-
-def test_toy_tokenizer_gives_every_digit_one_token():
-    import toy
-    tok = toy.make_tokenizer(["0123456789"], vocab_size=256 + len(toy.SPECIAL_TOKENS))
-    assert len(tok) == 263
-    assert len(tok("6 x 7 = 42.").input_ids) == len("6 x 7 = 42.")
-    text = toy.prompt("What number is shown?") + toy.perceive(3)
-    assert tok.decode(tok(text).input_ids) == text
-    processor = toy.make_processor(tok)  # the hand-written prompt is the chat template's
-    messages = [{"role": "user", "content": "What number is shown?"}]
-    assert toy.prompt("What number is shown?") == processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
 
 
 # ---- scale: precision, checkpointing, device maps, the memory plan ---------------------------
@@ -1110,10 +1011,22 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
         with torch.no_grad(), frism.deltas_off(gated):
             return frism.answer_logp(model, batch, mask)
 
+    # the text stream of --objective dual: two text prompts with 8-token answers, the LRM's
+    # log-probs kept (as the run keeps them: the LRM is gone when training starts)
+    text_items = [frism.Answer(None, "What is 17 times 23? Think step by step.",
+                               list(range(200, 208))) for _ in range(2)]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    text_lrm = torch.randn(16, vocab).log_softmax(-1)
+    args.beta = 1.0
+
+    def read_text():
+        text_batch, text_mask = frism.make_batch(processor, text_items, "cpu")
+        return frism.answer_logp(model, text_batch, text_mask), text_lrm
+
     def frism_step(cached, objective=frism.eq10):  # the student's forward/backward, the teacher
         # read from the cache or computed, only if the objective reads it
         step = frism.Step(frism.answer_logp(model, batch, mask), items, batch, mask, gated, args,
-                          (lambda: teacher) if cached else uncached)
+                          (lambda: teacher) if cached else uncached, read_text)
         objective(step)["loss"].backward()
 
     def plain_step():  # the unmodified VLM, weights frozen, gradients to activations only
@@ -1127,7 +1040,9 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
 
     steps = interleaved({"plain": plain_step, "eq10": lambda: frism_step(False),
                          "eq10 cached": lambda: frism_step(True),
-                         "entropy": lambda: frism_step(False, frism.entropy)})
+                         "entropy": lambda: frism_step(False, frism.entropy),
+                         "dual": lambda: frism_step(False, frism.dual),
+                         "dual cached": lambda: frism_step(True, frism.dual)})
     plain, step, cached = steps["plain"], steps["eq10"], steps["eq10 cached"]
     with frism.checkpointing(model):
         recomputed = seconds(lambda: frism_step(True))
@@ -1163,7 +1078,9 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
           f"({ranked / plain:.2f}x)")
     print(f"  one step, medians of 7 interleaved rounds: plain {plain:.2f} s; Eq. 10 {step:.2f} s "
           f"uncached, {cached:.2f} s cached; --objective entropy {steps['entropy']:.2f} s (it "
-          f"reads no teacher, so the cache does not apply)")
+          f"reads no teacher, so the cache does not apply); --objective dual "
+          f"{steps['dual']:.2f} s uncached, {steps['dual cached']:.2f} s cached (one text "
+          f"micro-batch of 2 prompts and 8-token answers more a step)")
     print(f"  SVD stage {runs['default']['seconds']['svd']:.1f} s vs bare torch.linalg.svd "
           f"{bare_svd:.1f} s: {runs['default']['seconds']['svd'] / bare_svd:.2f}x")
     for (name, tokens), (low_rank, dense) in crossover.items():
@@ -1349,12 +1266,13 @@ def test_a_batch_of_images_of_different_sizes_is_one_processor_call(trio):
 
 # ---- the fork promise: another objective, another parameter, in one place each ---------------
 
+@pytest.mark.layer
 def test_a_replacement_objective_changes_the_gates_and_moves_only_the_gated_parameters(trio):
     runs = {}
     for name, objective in (("eq10", frism.eq10), ("fork", lambda step: {"loss": -sum(
             layer.g.sum() for layer in step.gated.values())})):  # any other function of a step
         model, processor, gated, args = merged_model(trio, "--steps", "3")
-        frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
+        frozen = frozen_weights(model, gated)
         history, teacher = train(model, processor, gated, args, objective)
         after = model.state_dict()
         assert all(torch.equal(frozen[k], after[k]) for k in frozen)
@@ -1457,9 +1375,10 @@ def test_the_objective_factory_receives_everything_the_run_has(trio, tmp_path):
     assert report["objective"].endswith("make_objective (given by the caller)")
 
 
+@pytest.mark.layer
 def test_gated_linear_freezes_the_layer_it_wraps_whoever_calls_inject(trio):
     """A model loaded by hand, with every weight trainable: inject still trains and saves only
-    the gates."""
+    what the gated layers add (FRISM: the gates), never a weight of the layers they wrap."""
     args = settings(trio, "unused", "--steps", "2", "--lr", "0.5")
     model = AutoModelForImageTextToText.from_pretrained(trio["vlm"])  # nothing frozen
     processor = AutoProcessor.from_pretrained(trio["vlm"])
@@ -1467,22 +1386,32 @@ def test_gated_linear_freezes_the_layer_it_wraps_whoever_calls_inject(trio):
     gated = frism.inject(model, frism.safetensors_index(trio["lrm"], "--lrm"),
                          frism.safetensors_index(trio["base"], "--base"), args)
     assert all(not p.requires_grad for layer in gated.values() for p in layer.base.parameters())
-    assert set(frism.trained_parameters(gated)) == {f"{path}.g" for path in gated}
+    trained = frism.trained_parameters(gated)
+    assert {f"{path}.g" for path in gated} <= set(trained)
+    wrapped_ids = {id(p) for layer in gated.values() for p in layer.base.parameters()}
+    assert not any(id(p) in wrapped_ids for p in trained.values())
+    assert set(trained) == {f"{path}.{name}" for path, layer in gated.items()
+                            for name, _ in layer.named_parameters()} - {
+        f"{path}.base.{name}" for path, layer in gated.items()
+        for name, _ in layer.base.named_parameters()}  # all the layer adds
     wrapped = {path: layer.base.weight.clone() for path, layer in gated.items()}
     train(model, processor, gated, args)
     assert all(torch.equal(layer.base.weight, wrapped[path]) for path, layer in gated.items())
 
 
+@pytest.mark.layer
 def test_the_program_runs_the_method_as_subspace_merge(trio, frism_run):
     """frism.py's output is subspace_merge's fold: the same settings, called as a function."""
     args = settings(trio, "unused", "--steps", "4", "--lam", "0.9", "--rank", "40")
     model, processor = frism.load_vlm(trio["vlm"], args.dtype, args.device)
-    trained, record = frism.subspace_merge(
+    trained, gates, record = frism.subspace_merge(
         model, processor, frism.safetensors_index(trio["lrm"], "--lrm"),
         frism.safetensors_index(trio["base"], "--base"), frism.load_calibration(args), args)
     assert not any(isinstance(m, frism.GatedLinear) for m in model.modules())  # folded
     assert len(record["loss_curve"]) == 4 and set(trained) == set(load_file(
         frism_run / "frism_gates.safetensors"))
+    saved = load_file(frism_run / "frism_gate_values.safetensors")
+    assert set(gates) == set(saved) and all(torch.equal(gates[k], saved[k]) for k in saved)
     on_disk = tensors(frism_run)
     for key, value in model.state_dict().items():
         if frism.DECODER_PATH.search(key):
@@ -1501,6 +1430,7 @@ class ScaledGatedLinear(frism.GatedLinear):
         return super().effective_S() * self.scale
 
 
+@pytest.mark.layer
 def test_a_parameter_a_fork_adds_to_the_gated_layer_trains_and_is_saved(trio, tmp_path,
                                                                         monkeypatch):
     monkeypatch.setattr(frism, "GatedLinear", ScaledGatedLinear)
@@ -1510,15 +1440,21 @@ def test_a_parameter_a_fork_adds_to_the_gated_layer_trains_and_is_saved(trio, tm
                        "--max-new-tokens", "6", "--lam", "0.9"]) == 0
     saved = load_file(out / "frism_gates.safetensors")
     scales = {k: v for k, v in saved.items() if k.endswith(".scale")}
-    assert len(scales) == 14 and len(saved) == 28  # a scale and a gate vector per layer
+    assert len(scales) == 14 and {k.removesuffix(".scale") + ".g" for k in scales} <= set(saved)
     assert all(v.item() != 1.0 for v in scales.values())  # trained
     vlm, merged = tensors(trio["vlm"]), tensors(out)
     key = "model.language_model.layers.0.mlp.up_proj"
+    gate = load_file(out / "frism_gate_values.safetensors")[key]  # the layer's own: S_eff / S
+    assert not torch.allclose(gate, torch.sigmoid(saved[key + ".g"]))  # the scale takes part
     U, S, Vh = torch.linalg.svd(task_vector(trio, "layers.0.mlp.up_proj"), full_matrices=False)
-    expected = vlm["model.layers.0.mlp.up_proj.weight"] + 0.9 * (
-        U * (torch.sigmoid(saved[key + ".g"]) * S * saved[key + ".scale"])) @ Vh
+    expected = vlm["model.layers.0.mlp.up_proj.weight"] + 0.9 * (U * (gate * S)) @ Vh
     torch.testing.assert_close(merged["model.layers.0.mlp.up_proj.weight"], expected,
                                atol=1e-5, rtol=1e-4)  # the fold used the trained scale
+    report = json.loads((out / "frism_report.json").read_text())
+    stats = report["gates"][key]  # the report's figures are the layer's own gates too
+    assert stats["mean"] == pytest.approx(gate.mean().item(), rel=1e-5)
+    assert report["loss_curve"][-1]["mean_gate"] == pytest.approx(torch.cat(
+        list(load_file(out / "frism_gate_values.safetensors").values())).mean().item(), rel=1e-5)
 
 
 # ---- the first run on a GPU: data id, lambda scan, model card, no hidden leftovers -----------
@@ -1611,3 +1547,169 @@ def test_a_killed_replacement_puts_the_previous_output_back(tmp_path):
     removed = frism.remove_stale_staging(str(tmp_path / "out"), "frism.py")
     assert removed and (tmp_path / "out" / "keep.txt").read_text() == "the previous model"
     assert not old.exists() and other.exists()
+
+
+# ---- the text stream and the dual objective (ours): the LRM answers text prompts -------------
+
+@pytest.fixture(scope="module")
+def text_prompts(tmp_path_factory):
+    """Unlabelled text prompts, a .jsonl of {"question": text} lines."""
+    path = tmp_path_factory.mktemp("text") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What number is shown? {d}"}) + "\n"
+                            for d in range(6)))
+    return str(path)
+
+
+def dual_settings(trio, text_prompts, *extra):
+    return settings(trio, "unused", "--objective", "dual", "--text-data", text_prompts, *extra)
+
+
+def test_text_prompts_are_read_with_the_vlms_chat_template_and_no_image(trio):
+    model, processor, gated, args = merged_model(trio)
+    items = [frism.Answer(None, "What is 2 + 3?", [100, 101]),
+             frism.Answer(None, "Add five.", [102, 103, 104])]
+    batch, mask = frism.make_batch(processor, items, args.device)
+    assert "pixel_values" not in batch and "image_grid_thw" not in batch
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not (batch["input_ids"] == image_pad).any()
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    n = len(processor.tokenizer(prompt).input_ids)
+    assert batch["input_ids"][0, :n].tolist() == processor.tokenizer(prompt).input_ids
+    # the mask marks the positions that predict each answer token, and nothing else
+    targets = batch["input_ids"].roll(-1, dims=1)[mask].tolist()
+    assert targets == [100, 101, 102, 103, 104]
+
+
+def test_the_lrm_answers_with_its_own_template_and_its_log_probs_are_kept(trio, text_prompts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args = dual_settings(trio, text_prompts, "--max-new-tokens", "5")
+    lrm = AutoModelForCausalLM.from_pretrained(trio["lrm"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trio["lrm"])
+    prompts = frism.load_text_prompts(args)
+    items, logps = frism.lrm_answers(lrm, tokenizer, prompts, set(), args)
+    stop = frism.end_of_turn_ids(lrm, tokenizer)
+    assert [item.question for item in items] == prompts[:len(items)] and items
+    for item, logp in zip(items, logps):
+        assert item.image is None and 0 < len(item.ids) <= 5 and not set(item.ids) & stop
+        template = tokenizer.apply_chat_template([{"role": "user", "content": item.question}],
+                                                 tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(template, add_special_tokens=False).input_ids + item.ids
+        with torch.no_grad():
+            expected = F.log_softmax(lrm(torch.tensor([ids])).logits[0].float(), -1)
+        torch.testing.assert_close(logp, expected[-len(item.ids) - 1:-1], atol=1e-5, rtol=1e-4)
+        greedy = expected[-len(item.ids) - 1:-1].argmax(-1).tolist()
+        assert greedy == item.ids  # its own greedy answer
+    # a token the VLM reads as another ends an answer where the LRM first emits it
+    ids = items[0].ids
+    k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])
+    cut, _ = frism.lrm_answers(lrm, tokenizer, [items[0].question], {ids[k]}, args)
+    assert cut[0].ids == ids[:k]
+    # one that opens it (an R1 model's <think>) stays in the LRM's context, out of the answer
+    rest = ids[1:ids.index(ids[0], 1)] if ids[0] in ids[1:] else ids[1:]
+    opened, logp = frism.lrm_answers(lrm, tokenizer, [items[0].question], {ids[0]}, args)
+    assert opened[0].ids == rest
+    torch.testing.assert_close(logp[0], logps[0][1:1 + len(rest)])
+
+
+def test_the_lrm_is_released_before_the_vlm_loads(trio, text_prompts, tmp_path, monkeypatch):
+    import gc
+    import weakref
+    seen = {}
+    real_answers, real_load = frism.lrm_answers, frism.load_vlm
+
+    def answers(lrm, *a):
+        seen["lrm"] = weakref.ref(lrm)
+        return real_answers(lrm, *a)
+
+    def load_vlm(*a, **k):
+        gc.collect()
+        seen["alive when the VLM loaded"] = seen["lrm"]() is not None
+        return real_load(*a, **k)
+    monkeypatch.setattr(frism, "lrm_answers", answers)
+    monkeypatch.setattr(frism, "load_vlm", load_vlm)
+    done = cli(trio, tmp_path / "dual", "--data", trio["data"], "--steps", "2",
+               "--max-new-tokens", "6", "--objective", "dual", "--text-data", text_prompts)
+    assert done.returncode == 0, done.stderr
+    assert seen["alive when the VLM loaded"] is False
+    report = json.loads((tmp_path / "dual" / "frism_report.json").read_text())
+    assert list(report["seconds"])[:3] == ["check", "lrm_answers", "load"]  # the stage timer
+    assert report["text_stream"]["answers"] == 6 and report["objective"].startswith("dual")
+    assert {"kl", "kl_text", "injected"} <= report["loss_curve"][0].keys()
+    card = (tmp_path / "dual" / "README.md").read_text()
+    assert "| beta (--beta) | 1.0 |" in card and "text stream (--text-data)" in card
+
+
+def test_the_dual_objective_is_eq10_plus_beta_times_the_kl_to_the_lrm_on_text(trio):
+    model, processor, gated, args = merged_model(trio, "--alpha", "0.3")
+    args.beta = 0.7
+    batch, mask = a_batch(trio, processor, args)
+    student, teacher = student_and_teacher(model, gated, batch, mask)
+    text_student, text_lrm = torch.randn(5, 9).log_softmax(-1), torch.randn(5, 9).log_softmax(-1)
+    step = frism.Step(student, [], batch, mask, gated, args, lambda: teacher,
+                      lambda: (text_student, text_lrm))
+    terms = frism.dual(step)
+    kl_text = (text_lrm.exp() * (text_lrm - text_student)).sum(-1).mean()  # KL(p_lrm || p_merged)
+    torch.testing.assert_close(terms["kl_text"], kl_text)
+    torch.testing.assert_close(terms["loss"], frism.eq10(step)["loss"] + 0.7 * kl_text)
+
+
+def test_dual_at_beta_0_trains_exactly_as_eq10(trio, text_prompts):
+    """The text stream is read and weighed 0: the gates, bit for bit, and every term of Eq. 10."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args = dual_settings(trio, text_prompts, "--beta", "0", "--steps", "3")
+    lrm = AutoModelForCausalLM.from_pretrained(trio["lrm"]).eval()
+    text = frism.lrm_answers(lrm, AutoTokenizer.from_pretrained(trio["lrm"]),
+                             frism.load_text_prompts(args), set(), args)
+    runs = {}
+    for name, objective in (("eq10", frism.eq10), ("dual", frism.dual)):
+        model, processor, gated, _ = merged_model(trio)
+        answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
+        history = frism.train(model, processor, gated, answers, frism.Teacher(
+            model, processor, gated, answers, args), objective, args, text)
+        runs[name] = (torch.cat([layer.g.detach().flatten() for layer in gated.values()]),
+                      history)
+    assert torch.equal(runs["eq10"][0], runs["dual"][0])
+    assert not torch.all(runs["eq10"][0] == 0)  # the gates did move
+    for eq10, dual in zip(runs["eq10"][1], runs["dual"][1]):
+        assert all(eq10[k] == dual[k] for k in eq10) and dual["kl_text"] > 0
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p / "missing.jsonl", "does not exist"),
+    (lambda p: (p / "empty.jsonl", (p / "empty.jsonl").write_text("\n"))[0], "holds no prompts"),
+    (lambda p: (p / "keyless.jsonl", (p / "keyless.jsonl").write_text('{"text": "hi"}\n'))[0],
+     "line 1 is not a"),
+    (lambda p: (p / "number.jsonl", (p / "number.jsonl").write_text('{"question": 7}\n'))[0],
+     "not text"),
+    (lambda p: "no-such-org/no-such-dataset", "could not be loaded"),
+], ids=["missing", "empty", "no question", "not text", "unknown hub id"])
+def test_bad_text_data_is_refused_in_one_sentence_before_any_weight_loads(
+        trio, tmp_path, monkeypatch, make, words):
+    monkeypatch.setattr(frism, "load_vlm", lambda *a, **k: pytest.fail("the VLM was loaded"))
+    monkeypatch.setattr(frism, "answer_text_prompts",
+                        lambda *a, **k: pytest.fail("the LRM was loaded"))
+    done = cli(trio, tmp_path / "out", "--data", trio["data"], "--objective", "dual",
+               "--text-data", str(make(tmp_path)))
+    assert_refused(done, tmp_path / "out", words)
+
+
+def test_a_text_stream_needs_one_vocabulary(trio, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+    assert frism.check_text_stream(trio["vlm"], trio["lrm"]) == set()
+    other = tmp_path / "lrm"
+    import shutil
+    shutil.copytree(trio["lrm"], other)
+    cfg = AutoConfig.from_pretrained(other)
+    cfg.vocab_size += 8
+    cfg.save_pretrained(other)
+    with pytest.raises(frism.InputError, match="output sizes differ"):
+        frism.check_text_stream(trio["vlm"], str(other))
+    shutil.rmtree(other)
+    shutil.copytree(trio["lrm"], other)  # a chat format of its own: a token the VLM lacks
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["</think>"], special_tokens=True)
+    tok.save_pretrained(other)
+    assert frism.check_text_stream(trio["vlm"], str(other)) == {
+        tok.convert_tokens_to_ids("</think>")}
