@@ -14,13 +14,15 @@ The paper, and where each part of it is in this file, in the order the file read
            (ours: a text stream the LRM answers, for the dual objective)  lrm_answers, dual
            only the gates are trained                                     train
            Eq. 7 evaluated once: a plain nn.Linear again                  fold
-           every step above, in order                                     subspace_merge
+           every step above, in order (the text stream's answers, made    subspace_merge
+           before the VLM loads, come to it ready)
 
 A reader who stops at the banner "The program around the method" has read every step of FRISM,
 and the two speed options of its training loop (a cache of the teacher's log-probs, gradient
 checkpointing), which change no result. Below the banner: Task Arithmetic (--no-train), command
-line, input checks, calibration data, the lambda scan, the dry-run memory plan, saving (model
-card included), the run, signals and main. Lines marked "ours" implement a choice the paper
+line, input checks, calibration data, the text stream (its prompts, checks and the LRM's turn),
+the lambda scan, speed and memory, the dry-run memory plan, saving (model card included), the run,
+signals and main. Lines marked "ours" implement a choice the paper
 leaves open; docs/choices.md lists them all.
 
     python frism.py --vlm Qwen/Qwen2.5-VL-7B-Instruct \\
@@ -186,7 +188,9 @@ def deltas_off(gated):
 # ---- the teacher's answers: where Eq. 8 is measured -------------------------------------------
 
 class Answer(NamedTuple):
-    """One calibration question with the teacher's answer (token ids, end of turn included)."""
+    """One question and its teacher's answer (token ids): a calibration question with the VLM's
+    answer, end of turn included; or a text prompt (image None) with the LRM's, which ends before
+    its end of turn (lrm_answers)."""
     image: object
     question: str
     ids: list
@@ -353,7 +357,8 @@ def dual(step):
     stream, KL(p_lrm || p_merged) at the LRM's own answers to unlabelled reasoning prompts. Two
     teachers, no label: the VLM keeps perception (Eq. 8), the LRM shows what its task vector is
     for. Ours: each model reads the prompt in its own chat template, the format it was trained
-    on, and the answer after it. At beta 0 it is Eq. 10."""
+    on, and the answer after it. At beta 0 its loss is Eq. 10's (the LRM still answers, and the
+    text stream is still read)."""
     kl = distill_loss(step.student_logp, step.teacher_logp)  # Eq. 8
     kl_text = distill_loss(*step.text)  # the same KL, taken to the LRM on the text stream
     L_inject = inject_loss(step.gated)  # Eq. 9
@@ -365,7 +370,7 @@ class Objective(NamedTuple):
     function: Callable  # Step -> {"loss": tensor, other terms by name}
     description: str
     source: str
-    text: bool = False  # reads the text stream (Step.text): the run needs --text-data
+    text: bool = False  # reads the text stream (Step.text): the LRM answers --text-data first
 
 
 # --objective reads this table: a new objective is one function above and one row here.
@@ -405,6 +410,10 @@ def lrm_answers(lrm, tokenizer, prompts, unreadable, args):
         inputs = tokenizer([template(q) for q in chunk], padding=True, padding_side="left",
                            return_tensors="pt", add_special_tokens=False).to(lrm.device)
         out = lrm.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        # k: how many unreadable tokens open an answer (an R1 model's <think>). They stay in the
+        # LRM's context when its log-probs are taken below, and are cut from what the merged
+        # model reads. Unlike the teacher's answers, these end before the end of turn: the LRM's
+        # end-of-turn token need not be one the VLM has.
         answered, opened = [], []  # the answers, and the unreadable tokens that open each
         for question, ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
             k = next((n for n, t in enumerate(ids) if t not in unreadable), len(ids))
@@ -437,7 +446,8 @@ def trained_parameters(gated):
 
 
 def batches(n, size, seed):
-    """Indices of the calibration set, shuffled and cycled for as long as training asks (ours)."""
+    """Indices of a data set (the calibration set, the text stream), shuffled and cycled for as
+    long as training asks (ours)."""
     rng = random.Random(seed)
     while True:
         order = list(range(n))
@@ -451,7 +461,9 @@ def mean_gate(gated):
     return torch.cat([layer.gates().flatten().cpu() for layer in gated.values()]).mean().item()
 
 
-# Two speed options of the loop; neither changes the objective or the result.
+# Two speed options of the loop; neither changes the objective or the result: a cache of the
+# teacher's log-probs (which --cache-teacher auto takes where the host's free memory holds it) and
+# gradient checkpointing.
 
 def host_memory_available():
     """Bytes the OS could give us now (Linux's MemAvailable), or None where it cannot say."""
@@ -629,8 +641,8 @@ def subspace_merge(model, processor, lrm_index, base_index, samples, args, make_
 
 
 # ==============================================================================================
-# The program around the method: Task Arithmetic, command line, checks, data, scan, dry run,
-# saving, main
+# The program around the method: Task Arithmetic, command line, checks, data, the text stream,
+# scan, speed and memory, dry run, saving, main
 # ==============================================================================================
 
 @torch.no_grad()
