@@ -417,3 +417,19 @@ def test_the_committed_oracle_is_above_task_arithmetics_peak_in_every_seed(seed)
     oracle = rows["oracle open lam=1.0"]
     assert oracle["perception"] > peak["perception"]
     assert oracle["vl_reasoning"] >= peak["vl_reasoning"]
+
+
+def test_the_committed_summary_keeps_the_order_of_the_readmes_rows():
+    """The order the README's table shows, in the mean over the seeds: in VL reasoning the VLM
+    below FRISM from the paper's start (the default alpha, lam 1 and 2), FRISM below Task
+    Arithmetic lambda 1, Task Arithmetic below the oracle from open gates; in perception Task
+    Arithmetic below FRISM and the oracle, the VLM above every one of them."""
+    rows = {name: {c: v[0] for c, v in row.items()} for name, row in
+            committed_summary()["rows"].items()}
+    frism_rows = [rows["FRISM lam=1.0 alpha=0.1"], rows["FRISM lam=2.0 alpha=0.1"]]
+    vlm, ta, oracle = rows["VLM"], rows["TA 1.0"], rows["oracle open lam=1.0"]
+    for frism_row in frism_rows:
+        assert vlm["vl_reasoning"] < frism_row["vl_reasoning"] < ta["vl_reasoning"]
+        assert ta["perception"] < frism_row["perception"] < vlm["perception"]
+    assert ta["vl_reasoning"] < oracle["vl_reasoning"]
+    assert ta["perception"] < oracle["perception"] < vlm["perception"]
