@@ -22,8 +22,8 @@ and the two speed options of its training loop (a cache of the teacher's log-pro
 checkpointing), which change no result. Below the banner: Task Arithmetic (--no-train), command
 line, input checks, calibration data, the text stream (its prompts, checks and the LRM's turn),
 the lambda scan, speed and memory, the dry-run memory plan, saving (model card included), the run,
-signals and main. Lines marked "ours" implement a choice the paper
-leaves open; docs/choices.md lists them all.
+signals and main. Lines marked "ours" implement a choice the paper leaves open; docs/choices.md
+lists them all.
 
     python frism.py --vlm Qwen/Qwen2.5-VL-7B-Instruct \\
                     --lrm deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --base Qwen/Qwen2.5-Math-7B \\
