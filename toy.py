@@ -476,14 +476,20 @@ def write_benchmarks(root, n, seed=1):
         draw_digit(d, rng).save(os.path.join(root, "images", name))
         return f"images/{name}"
 
+    def perception(name):
+        d = rng.randint(0, 9)
+        return {"image": image(name, d), "kind": "perception",
+                "question": perception_question(rng), "answer": d}
+
+    def vl_reasoning(name):
+        d = rng.randint(0, 9)
+        return {"image": image(name, d), "kind": "reasoning", "question": VL_REASONING_QUESTION,
+                "answer": 7 * d + 5}
+
     files = {name: [] for name in BENCHMARK_FILES}
     for i in range(n):
-        d = rng.randint(0, 9)
-        files["perception"].append({"image": image(f"p{i}.png", d), "kind": "perception",
-                                    "question": perception_question(rng), "answer": d})
-        d = rng.randint(0, 9)
-        files["vl_reasoning"].append({"image": image(f"r{i}.png", d), "kind": "reasoning",
-                                      "question": VL_REASONING_QUESTION, "answer": 7 * d + 5})
+        files["perception"].append(perception(f"p{i}.png"))
+        files["vl_reasoning"].append(vl_reasoning(f"r{i}.png"))
         d = rng.randint(0, 9)
         files["text_reasoning"].append({"kind": "reasoning", "answer": 7 * d + 5, "question":
                                         f"What number is this: {d}? {INSTRUCTION}"})
@@ -497,12 +503,8 @@ def write_benchmarks(root, n, seed=1):
         files["text_prompts"].append({"question": f"What number is this: {rng.randint(0, 9)}? "
                                                   f"{INSTRUCTION}"})
     for i in range(n):
-        d = rng.randint(0, 9)
-        files["val_perception"].append({"image": image(f"vp{i}.png", d), "kind": "perception",
-                                        "question": perception_question(rng), "answer": d})
-        d = rng.randint(0, 9)
-        files["val_vl_reasoning"].append({"image": image(f"vr{i}.png", d), "kind": "reasoning",
-                                          "question": VL_REASONING_QUESTION, "answer": 7 * d + 5})
+        files["val_perception"].append(perception(f"vp{i}.png"))
+        files["val_vl_reasoning"].append(vl_reasoning(f"vr{i}.png"))
     for name, items in files.items():
         with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(item) + "\n" for item in items)
