@@ -1136,9 +1136,8 @@ def test_bad_numbers_are_refused_before_any_work(trio, tmp_path, flag, value):
 def interrupt(trio, tmp_path, stage, *extra, sig=None):
     """Run frism.py in a subprocess that pauses inside `stage`, send it a real signal there."""
     import signal
-    import time
     mark = tmp_path / "reached"
-    code = "\n".join([
+    program = "\n".join([
         "import signal, sys, time, frism, transformers",
         # as in a terminal, even where the tests run as a background job (which ignores SIGINT)
         "signal.signal(signal.SIGINT, signal.default_int_handler)",
@@ -1155,22 +1154,31 @@ def interrupt(trio, tmp_path, stage, *extra, sig=None):
         "    transformers.PreTrainedModel.save_pretrained = slow_save",
         "sys.exit(frism.main(sys.argv[2:]))"])
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, stage, "--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base",
+    code, _, stderr = signalled_when_marked(
+        [sys.executable, "-c", program, stage, "--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base",
          trio["base"], "--out", str(out), "--data", trio["data"], "--max-new-tokens", "4",
-         "--steps", "2", *extra], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+         "--steps", "2", *extra], mark, sig or signal.SIGINT)
+    return code, stderr, out
+
+
+def signalled_when_marked(command, mark, sig):
+    """Run `command` in a process of its own and send it `sig` once it has created the file
+    `mark` (it pauses there): (its exit code, stdout, stderr)."""
+    import time
+    proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                                HF_DATASETS_OFFLINE="1"))
     deadline = time.time() + 120
     while not mark.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert mark.exists(), proc.communicate()[1]
-    proc.send_signal(sig or signal.SIGINT)
+        time.sleep(0.05)
+    assert mark.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(sig)
     try:
-        _, stderr = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    return proc.returncode, stderr, out
+    return proc.returncode, out, err
 
 
 @pytest.mark.parametrize("stage", ["svd", "train", "save"])

@@ -3,16 +3,14 @@ its progress bar. The world is smoke-sized here (a few steps of every stage)."""
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import frism
 import toy
-from test_frism import merged_model
+from test_frism import merged_model, signalled_when_marked
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -232,20 +230,8 @@ sys.exit(toy.main(sys.argv[3:]))
 def stopped(tmp_path, stage, sig, *argv):
     """Run toy.py in a process of its own, send it `sig` once it is inside `stage`."""
     mark = tmp_path / "reached"
-    proc = subprocess.Popen([sys.executable, "-c", STOPPABLE, stage, str(mark), *argv], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
-    deadline = time.time() + 120
-    while not mark.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert mark.exists(), proc.communicate()[1][-3000:]
-    proc.send_signal(sig)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return proc.returncode, out, err
+    return signalled_when_marked([sys.executable, "-c", STOPPABLE, stage, str(mark), *argv],
+                                 mark, sig)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
