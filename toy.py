@@ -1003,10 +1003,11 @@ def plan(root, seed, args, rebuilt):
     wanted = {"world check", "lambda scan", *selected(args.only, args.full)} | (
         {READING_STAGE} if args.full else set())  # what this run makes, if not cached
     jobs, reused, remade, others = [], {}, {}, {}
+    named_rows = selected(args.only, True) if args.only is not None else {}
     for name, (weight, argv, make) in stages_of(world, runs, data, seed, args.smoke).items():
         path, key = os.path.join(runs, f"{row_dir(name)}.json"), dict(common, run=[
             name, *(argv or [])])
-        named = args.only is not None and name in selected(args.only, True)
+        named = name in named_rows
         if args.only is not None and not named:  # shown beside --only's rows, if recorded here
             record = None if rebuilt else recall(path, key, ("world", "benchmarks"))[0]
             if record is not None:
@@ -1530,10 +1531,10 @@ def gates_plot(plt, table, summaries, out_dir):
     rows = [name for name in GATE_ROWS if all(name in s["models"] for s in summaries)]
     width = 0.8 / max(len(rows), 1)
     for i, row in enumerate(rows):
+        layers = [g for s in summaries for g in saved_gates(s["models"][row]).values()]
         means = []
         for a, b in BANDS:  # mean gate of the band's directions, over layers and seeds
-            values = torch.cat([g[a - 1:b] for s in summaries
-                                for g in saved_gates(s["models"][row]).values()])
+            values = torch.cat([g[a - 1:b] for g in layers])
             means.append(values.mean().item() if len(values) else float("nan"))
         right.bar([k + i * width for k in range(len(BANDS))], means, width, label=row)
     right.set_xticks([k + 0.4 - width / 2 for k in range(len(BANDS))],
