@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import toy  # noqa: E402
+from miniature import world  # noqa: E402
 
 
 def pytest_configure(config):
@@ -23,7 +23,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def trio(tmp_path_factory):
     """{"base", "lrm", "vlm", "data"}: save_pretrained directories and a calibration .jsonl."""
-    return toy.build_tiny_trio(str(tmp_path_factory.mktemp("trio")))
+    return world.build_tiny_trio(str(tmp_path_factory.mktemp("trio")))
 
 
 @pytest.fixture(scope="session")

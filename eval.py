@@ -393,24 +393,26 @@ def infer_type(item):
 def load_local(path, limit):
     """A .jsonl benchmark: one item a line with `question`, `answer`, `kind` ("reasoning" or
     "perception"), and optional `image` (relative to the file), `choices` (then `answer` is the
-    option letter or the option's text), `type` ("mc" | "yesno" | "number" | "text") and
-    `precision` (decimals)."""
+    option letter or the option's text), `type` ("mc" | "yesno" | "number" | "text"),
+    `precision` (decimals) and `reference` (a whole correct answer, e.g. a worked chain: each
+    model's log-likelihood of it is reported beside the accuracy, see reference_logp). Any other
+    field is kept with the item and its prediction (a depth, a category)."""
     from PIL import Image
     if not os.path.isfile(path):
         raise InputError(f"benchmark file {path!r} does not exist.")
     root, items = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = json.loads(line.decode("utf-8"))
                 item["question"], item["answer"], kind = item["question"], item["answer"], item["kind"]
                 if kind not in ("reasoning", "perception"):
                     raise ValueError(f"kind must be reasoning or perception, not {kind!r}")
                 if item.get("image"):
                     item["image"] = Image.open(os.path.join(root, item["image"]))
-            except (ValueError, KeyError, OSError) as e:
+            except (ValueError, KeyError, TypeError, OSError) as e:
                 raise InputError(f"{path!r} line {n} is not a usable benchmark item ({e}).") from e
             item.setdefault("id", n)
             item["type"] = item.get("type") or infer_type(item)
@@ -471,10 +473,32 @@ def load_model(name, args):
 
 def chat(m, question, has_image, system):
     content = [{"type": "image"}, {"type": "text", "text": question}] if has_image else question
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": content}]
     if m["tokenizer"].chat_template is None and getattr(m["processor"], "chat_template", None) is None:
-        return f"{system}\n\n{question}\n"  # a model with no chat template gets plain text
+        return f"{system}\n\n{question}\n" if system else f"{question}\n"  # plain text
     return m["processor"].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def image_groups(items):
+    """The indices of the items with an image, then of those without: one batch holds one kind."""
+    return [[i for i, it in enumerate(items) if it.get("image") is not None],
+            [i for i, it in enumerate(items) if it.get("image") is None]]
+
+
+def prompt_inputs(m, items, chunk, args, padding_side):
+    """The chat prompts of items[chunk] (all with an image or all without), tokenised: one
+    processor call, one image list per sample, so tiles, crops and image-token counts are the
+    processor's business, whatever the model family."""
+    has_image = items[chunk[0]].get("image") is not None
+    prompts = [chat(m, items[i]["question"], has_image, args.system) for i in chunk]
+    if m["vision"]:
+        images = [[fit_pixels(items[i]["image"], args.max_pixels)] for i in chunk
+                  ] if has_image else None
+        return prompts, m["processor"](text=prompts, images=images, padding=True,
+                                       padding_side=padding_side, return_tensors="pt")
+    return prompts, m["tokenizer"](prompts, padding=True, padding_side=padding_side,
+                                   return_tensors="pt", add_special_tokens=False)
 
 
 @torch.no_grad()
@@ -482,23 +506,11 @@ def generate(m, items, args, desc):
     """(prompt, output text, hit the token limit) for every item; images first, then text-only."""
     stop = end_of_turn_ids(m["model"], m["tokenizer"])
     results = [None] * len(items)
-    groups = [[i for i, it in enumerate(items) if it.get("image") is not None],
-              [i for i, it in enumerate(items) if it.get("image") is None]]
     bar = tqdm(total=len(items), desc=desc)
-    for group in groups:
+    for group in image_groups(items):
         for start in range(0, len(group), args.batch_size):
             chunk = group[start:start + args.batch_size]
-            has_image = items[chunk[0]].get("image") is not None
-            prompts = [chat(m, items[i]["question"], has_image, args.system) for i in chunk]
-            if m["vision"]:  # one processor call, one image list per sample: tiles, crops and
-                # image-token counts are the processor's business, whatever the model family
-                images = [[fit_pixels(items[i]["image"], args.max_pixels)] for i in chunk
-                          ] if has_image else None
-                inputs = m["processor"](text=prompts, images=images,
-                                        padding=True, padding_side="left", return_tensors="pt")
-            else:
-                inputs = m["tokenizer"](prompts, padding=True, padding_side="left",
-                                        return_tensors="pt", add_special_tokens=False)
+            prompts, inputs = prompt_inputs(m, items, chunk, args, "left")
             out = m["model"].generate(**inputs.to(args.device), do_sample=False,
                                       max_new_tokens=args.max_new_tokens)
             for i, prompt, ids in zip(chunk, prompts, out[:, inputs["input_ids"].shape[1]:].tolist()):
@@ -508,6 +520,48 @@ def generate(m, items, args, desc):
             bar.update(len(chunk))
     bar.close()
     return results
+
+
+@torch.no_grad()
+def reference_logp(m, items, args):
+    """Per item with a `reference` answer: the mean log-probability per token of that answer after
+    the item's prompt, read teacher-forced (ours). Exact match says only whether a model's own
+    answer is right; this also shows a model that comes closer to the right answer without
+    reaching it. None for items without a reference."""
+    import torch.nn.functional as F
+    results = [None] * len(items)
+    for group in image_groups(items):
+        group = [i for i in group if items[i].get("reference")]
+        for start in range(0, len(group), args.batch_size):
+            chunk = group[start:start + args.batch_size]
+            _, inputs = prompt_inputs(m, items, chunk, args, "right")
+            answers = [m["tokenizer"](items[i]["reference"], add_special_tokens=False).input_ids
+                       for i in chunk]
+            batch, where = with_answers(inputs, answers, m["tokenizer"].pad_token_id)
+            logp = F.log_softmax(m["model"](**batch.to(args.device)).logits.float(), dim=-1)
+            for i, positions, answer in zip(chunk, where, answers):
+                results[i] = logp[positions[0], positions[1], torch.tensor(answer)].mean().item()
+    return results
+
+
+def with_answers(inputs, answers, pad):
+    """Each answer's ids written after its right-padded prompt (every per-token tensor extended
+    alike); and, per row, the positions whose logits predict the answer's tokens."""
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    length = max(n + len(a) for n, a in zip(lengths, answers))
+    batch = dict(inputs)
+    for k, v in inputs.items():
+        if not (torch.is_tensor(v) and v.shape == inputs["input_ids"].shape):
+            continue  # pixel values, grid sizes: as the processor made them
+        batch[k] = torch.full((len(answers), length), pad if k == "input_ids" else 0,
+                              dtype=v.dtype)
+        for b, (n, a) in enumerate(zip(lengths, answers)):
+            tail = {"input_ids": a, "attention_mask": [1] * len(a)}.get(k, [0] * len(a))
+            batch[k][b, :n] = v[b, :n]
+            batch[k][b, n:n + len(a)] = torch.tensor(tail, dtype=v.dtype)
+    where = [(b, torch.arange(n - 1, n - 1 + len(a))) for b, (n, a) in
+             enumerate(zip(lengths, answers))]
+    return type(inputs)(batch), where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,17 +606,28 @@ def mme_metrics(items, predictions):
             "headline": sum(tasks[t]["score"] for t in headline) / (2 * len(headline))}
 
 
-def score_benchmark(name, items, generations):
+# An item's fields that eval.py reads; any other is copied into its prediction as it is.
+READ = ("id", "question", "answer", "image", "kind", "type", "choices", "accept", "precision",
+        "integer", "group", "pair", "answer_form", "answer_text", "reference")
+
+
+def score_benchmark(name, items, generations, references=None):
     predictions = []
-    for item, (prompt, output, hit_limit) in zip(items, generations):
+    for n, (item, (prompt, output, hit_limit)) in enumerate(zip(items, generations)):
         answer, truncated = strip_thinking(output, prompt)
         extracted, correct = score_answer(answer, item) if not truncated else (None, False)
         predictions.append({"id": str(item["id"]), "question": item["question"],
                             "answer": item["answer"], "output": output, "extracted": extracted,
                             "correct": bool(correct), "truncated_in_think": truncated,
-                            "hit_token_limit": hit_limit, "group": item.get("group")})
+                            "hit_token_limit": hit_limit, "group": item.get("group"),
+                            **({"reference_logp": references[n]} if references else {}),
+                            **{k: v for k, v in item.items() if k not in READ and
+                               isinstance(v, (str, int, float, bool))}})
     metrics = {"n": len(items), "accuracy": mean(p["correct"] for p in predictions),
                "truncated_in_think": mean(p["truncated_in_think"] for p in predictions)}
+    scored = [p["reference_logp"] for p in predictions if p.get("reference_logp") is not None]
+    if scored:  # mean log-likelihood per token of the reference answers, items averaged
+        metrics["reference_logp"] = sum(scored) / len(scored)
     forms = [item["answer_form"] for item in items if item.get("answer_form")]
     if forms:  # MathVerse: how many answers came as a letter, "(C)", option text, two letters
         metrics["answer_forms"] = {form: forms.count(form) for form in sorted(set(forms))}
@@ -630,7 +695,8 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28,
                    help="images are shrunk to at most this many pixels")
     p.add_argument("--system", default="You are a helpful assistant.",
-                   help="the system prompt, the same for every model")
+                   help="the system prompt, the same for every model; empty: no system turn (the "
+                   "model's chat template decides)")
     p.add_argument("--out", default="results.json", help="raw predictions and scores (JSON), "
                    "rewritten after every model and benchmark")
     p.add_argument("--resume", action="store_true", help="keep the (model, benchmark) results "
@@ -716,9 +782,12 @@ def run(args):
         for bench in todo:
             items = benchmarks[bench]
             usable = items if m["vision"] else [it for it in items if it.get("image") is None]
-            results[bench] = score_benchmark(bench, usable, generate(
-                m, usable, args, f"{os.path.basename(os.path.normpath(name))} / {bench}")
-            ) if usable else None  # text-only models skip items with images
+            desc = f"{os.path.basename(os.path.normpath(name))} / {bench}"
+            references = reference_logp(m, usable, args) if any(
+                item.get("reference") for item in usable) else None
+            results[bench] = score_benchmark(bench, usable, generate(m, usable, args, desc),
+                                             references) if usable else None  # text-only
+            # models skip items with images
             report["averages"][name] = averages(
                 {b: r for b, r in results.items() if b in report["kinds"]}, report["kinds"])
             write_report(report, args.out)

@@ -309,7 +309,7 @@ class Step:
     gated: dict  # {module path: GatedLinear}
     args: argparse.Namespace  # the settings (alpha, lam, ...)
     read_teacher: Callable  # () -> log p_vlm at the same positions
-    read_text: Callable = None  # () -> (log p_merged, log p_lrm) on a batch of the text stream
+    read_text: Callable = None  # () -> (log p_merged, the LRM's Top) on the text stream
 
     @functools.cached_property
     def teacher_logp(self):
@@ -319,10 +319,10 @@ class Step:
 
     @functools.cached_property
     def text(self):
-        """(log p_merged, log p_lrm) at the answer positions of one micro-batch of the text stream
-        (the LRM's answers to text prompts, lrm_answers below, read with the VLM's chat template
-        and no image): computed on first use only. The run has a text stream only for a row of
-        OBJECTIVES with text=True."""
+        """(log p_merged, p_lrm as a Top) at the answer positions of one micro-batch of the text
+        stream (the LRM's answers to text prompts, lrm_answers below, read with the VLM's chat
+        template and no image): computed on first use only. The run has a text stream only for a
+        row of OBJECTIVES with text=True."""
         if self.read_text is None:
             raise RuntimeError("this objective reads the text stream (Step.text), which only a "
                                "row of OBJECTIVES with text=True, given as --objective, has")
@@ -352,6 +352,31 @@ def entropy(step):
     return {"loss": H + step.args.alpha * L_inject, "entropy": H, "injected": -L_inject}
 
 
+class Top(NamedTuple):
+    """A next-token distribution kept small (ours): its k most likely tokens' ids and log-probs,
+    and the log-probability of all the other tokens together; one row per answer position."""
+    ids: torch.Tensor  # (positions, k), int64
+    logp: torch.Tensor  # (positions, k), fp32
+    rest: torch.Tensor  # (positions,), fp32
+
+
+def top(logp, k):
+    """The Top of full log-probs (positions x vocabulary), k < vocabulary."""
+    values, ids = logp.topk(k, dim=-1)
+    return Top(ids, values, logp.scatter(-1, ids, -math.inf).logsumexp(-1))
+
+
+def text_kl(student_logp, lrm):
+    """KL(p_lrm || p_merged) at the text stream's answer positions, token mean, over the LRM's top
+    k tokens and one outcome for every other token (ours: the LRM's whole distribution over a long
+    answer does not fit in memory). It is the KL of both distributions coarsened to those k + 1
+    outcomes: never above the full KL, and equal to it where the top k hold all of p_lrm."""
+    top_q = student_logp.gather(-1, lrm.ids)
+    rest_q = student_logp.scatter(-1, lrm.ids, -math.inf).logsumexp(-1)
+    kl = (lrm.logp.exp() * (lrm.logp - top_q)).sum(-1) + lrm.rest.exp() * (lrm.rest - rest_q)
+    return kl.mean()
+
+
 def dual(step):
     """Not FRISM's: Eq. 10 plus beta times the KL from the LRM to the merged model on the text
     stream, KL(p_lrm || p_merged) at the LRM's own answers to unlabelled reasoning prompts. Two
@@ -360,7 +385,7 @@ def dual(step):
     on, and the answer after it. At beta 0 its loss is Eq. 10's (the LRM still answers, and the
     text stream is still read)."""
     kl = distill_loss(step.student_logp, step.teacher_logp)  # Eq. 8
-    kl_text = distill_loss(*step.text)  # the same KL, taken to the LRM on the text stream
+    kl_text = text_kl(*step.text)  # the same KL, taken to the LRM on the text stream
     L_inject = inject_loss(step.gated)  # Eq. 9
     return {"loss": kl + step.args.beta * kl_text + step.args.alpha * L_inject,
             "kl": kl, "kl_text": kl_text, "injected": -L_inject}
@@ -388,52 +413,72 @@ OBJECTIVES = {
 
 # ---- the LRM's answers on a text stream: ours, for objectives that read it (dual) -----------
 
+TEXT_TOP_K = 64  # ours: the LRM's next-token distributions kept as their 64 likeliest tokens
+
+
+class TextStream(NamedTuple):
+    """The text stream an objective reads (ours): the LRM's answers to unlabelled prompts
+    (Answer items, no image) and, for each, its next-token distribution at every answer position
+    as a Top; `cut`: how many answers --text-max-new-tokens cut."""
+    items: list
+    lrm: list
+    cut: int
+
+    def target(self, indices, device):
+        """p_lrm at every answer position of the items at `indices`, as one Top."""
+        return Top(*(torch.cat(part).to(device) for part in zip(*(self.lrm[i] for i in indices))))
+
+
 @torch.no_grad()
 def lrm_answers(lrm, tokenizer, prompts, unreadable, args):
     """Ours: before training, the LRM answers each unlabelled text prompt once, greedily, with its
-    own chat template and --max-new-tokens, and its log-probs at its answer positions are taken
-    once: the LRM is released before the VLM loads, so they are kept (fp32, host memory). An
-    answer ends before the LRM's end-of-turn token, which need not be the VLM's (R1-Distill ends
-    a turn with another token than Qwen2.5-VL); empty answers are dropped. `unreadable`: token ids
-    the VLM reads as other tokens (check_text_stream): those that open an answer (an R1 model's
-    `<think>`, where its template does not write it) stay in the LRM's context but are not part
-    of the answer, and the first one after them ends it (its `</think>`). Returns the items
-    (Answer, no image) and log p_lrm of each."""
+    own chat template and --text-max-new-tokens, and its next-token distributions at its answer
+    positions are taken once: the LRM is released before the VLM loads, so they are kept (host
+    memory, TEXT_TOP_K tokens a position). An answer ends before the LRM's end-of-turn token,
+    which need not be the VLM's (R1-Distill ends a turn with another token than Qwen2.5-VL); empty
+    answers are dropped. `unreadable`: token ids the VLM reads as other tokens
+    (check_text_stream): those that open an answer (an R1 model's `<think>`, where its template
+    does not write it) stay in the LRM's context but are not part of the answer, and the first one
+    after them ends it (its `</think>`)."""
     stop = end_of_turn_ids(lrm, tokenizer) | set(unreadable)
+    k = min(TEXT_TOP_K, lrm.get_output_embeddings().weight.shape[0] - 1)
 
     def template(question):  # the LRM's own chat format, text only
         return tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                              tokenize=False, add_generation_prompt=True)
-    items, logps = [], []
+    items, kept, cut = [], [], 0
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="LRM answers (text stream)"):
         chunk = prompts[i:i + args.batch_size]
         inputs = tokenizer([template(q) for q in chunk], padding=True, padding_side="left",
                            return_tensors="pt", add_special_tokens=False).to(lrm.device)
-        out = lrm.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        # k: how many unreadable tokens open an answer (an R1 model's <think>). They stay in the
+        out = lrm.generate(**inputs, max_new_tokens=args.text_max_new_tokens, do_sample=False)
+        # first: how many unreadable tokens open an answer (an R1 model's <think>). They stay in the
         # LRM's context when its log-probs are taken below, and are cut from what the merged
         # model reads. Unlike the teacher's answers, these end before the end of turn: the LRM's
         # end-of-turn token need not be one the VLM has.
         answered, opened = [], []  # the answers, and the unreadable tokens that open each
         for question, ids in zip(chunk, out[:, inputs["input_ids"].shape[1]:].tolist()):
-            k = next((n for n, t in enumerate(ids) if t not in unreadable), len(ids))
-            ends = [n for n, t in enumerate(ids) if n >= k and t in stop]
+            first = next((n for n, t in enumerate(ids) if t not in unreadable), len(ids))
+            ends = [n for n, t in enumerate(ids) if n >= first and t in stop]
+            cut += not ends
             ids = ids[:ends[0]] if ends else ids  # cut by the limit: kept as it is
-            if ids[k:]:
+            if ids[first:]:
                 answered.append(Answer(None, question, ids))
-                opened.append(k)
+                opened.append(first)
         if not answered:
             continue
         prompted = tokenizer([template(item.question) for item in answered], padding=True,
                              padding_side="right", return_tensors="pt", add_special_tokens=False)
         batch, mask = with_answers(prompted, answered, tokenizer.pad_token_id, lrm.device)
-        rows = answer_logp(lrm, batch, mask).cpu().split([len(a.ids) for a in answered])
-        logps += [logp[k:] for logp, k in zip(rows, opened)]
-        items += [item._replace(ids=item.ids[k:]) for item, k in zip(answered, opened)]
+        rows, start = top(answer_logp(lrm, batch, mask), k), 0
+        for item, first in zip(answered, opened):  # each answer's rows, the opening ones left out
+            kept.append(Top(*(part[start + first:start + len(item.ids)].cpu() for part in rows)))
+            items.append(item._replace(ids=item.ids[first:]))
+            start += len(item.ids)
     if not items:
         raise InputError("the LRM gave an empty answer to every --text-data prompt; check "
-                         "--text-data and --max-new-tokens.")
-    return items, logps
+                         "--text-data and --text-max-new-tokens.")
+    return TextStream(items, kept, cut)
 
 
 # ---- the training loop: label-free self-distillation -----------------------------------------
@@ -543,17 +588,17 @@ def checkpointing(model, on=True):
 
 def train(model, processor, gated, answers, teacher, objective, args, text=None):
     """Minimise the objective over every parameter the gated layers add; returns the history of
-    the terms it names, step by step. `text`: the text stream, (items, log p_lrm of each)."""
+    the terms it names, step by step. `text`: the text stream (a TextStream), if the objective
+    reads it."""
     # Ours: AdamW without weight decay, which would pull every gate towards 0.5.
     optimizer = torch.optim.AdamW(trained_parameters(gated).values(), lr=args.lr, weight_decay=0.0)
     data, history = batches(len(answers), args.batch_size, args.seed), []
-    text_data = batches(len(text[0]), args.batch_size, args.seed + 1) if text else None
+    text_data = batches(len(text.items), args.batch_size, args.seed + 1) if text else None
 
     def read_text():  # one micro-batch of the text stream, in an order of its own
         indices = next(text_data)
-        batch, mask = make_batch(processor, [text[0][i] for i in indices], model.device)
-        return (answer_logp(model, batch, mask),
-                torch.cat([text[1][i] for i in indices]).to(mask.device))
+        batch, mask = make_batch(processor, [text.items[i] for i in indices], model.device)
+        return answer_logp(model, batch, mask), text.target(indices, mask.device)
 
     bar = tqdm(range(1, args.steps + 1), desc="Training gates")
     with checkpointing(model, args.gradient_checkpointing):
@@ -664,8 +709,8 @@ SOFT_FIELDS = ("rope_theta", "vocab_size", "max_position_embeddings")
 # The paper's calibration set (columns image, question, answers) at its current Hub id; where it
 # moved from: docs/running.md.
 VIZWIZ = "lmms-lab-encoder/VizWiz-VQA"
-# The text stream's default prompts (--objective dual): GSM8K's grade-school math word problems,
-# train split, its "question" column (ours; why: docs/choices.md#the-text-stream).
+# The text stream's default prompts (objectives that read it): GSM8K's grade-school math word
+# problems, train split, its "question" column (ours; why: docs/choices.md#the-text-stream).
 GSM8K = "openai/gsm8k"
 # A vision tower's layers can have the same inner names (Gemma 3, SmolVLM, LLaVA-OneVision:
 # "...vision_model.encoder.layers.3.self_attn.q_proj"): only the language model is ever read.
@@ -699,8 +744,10 @@ def parse_args(argv=None):
                    'a hub dataset id, a local data directory, a save_to_disk directory, or a '
                    '.jsonl of {"image": path, "question": text} lines')
     p.add_argument("--data-split", default="val", help="split of a hub/local dataset")
-    p.add_argument("--image-column", default="image", help="image column of a dataset")
-    p.add_argument("--question-column", default="question", help="question column of a dataset")
+    p.add_argument("--image-column", default="image", help="image column (or .jsonl field) of "
+                   "--data")
+    p.add_argument("--question-column", default="question", help="question column (or .jsonl "
+                   "field) of --data")
     p.add_argument("--num-samples", type=int, default=512,
                    help="calibration questions used, the first N (ours)")
     p.add_argument("--max-pixels", type=int, default=512 * 28 * 28,
@@ -713,26 +760,32 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="eq10", choices=list(OBJECTIVES), help="what the gates "
                    "minimise: " + "; ".join(f"{k}: {o.description} ({o.source})"
                                             for k, o in OBJECTIVES.items()))
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the text stream's KL in "
-                   "--objective dual (ours: measured in the miniature, docs/choices.md)")
-    p.add_argument("--text-data", default=GSM8K, help="the text stream of --objective dual: "
+    readers = text_objectives()
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the text stream's KL, in "
+                   f"{readers} (ours: measured in the miniature, docs/choices.md)")
+    p.add_argument("--text-data", default=GSM8K, help=f"the text stream of {readers}: "
                    "unlabelled reasoning prompts that the LRM answers before training, a hub "
                    'dataset id, a local data directory, a save_to_disk directory, or a .jsonl of '
                    '{"question": text} lines (only the prompts are read)')
     p.add_argument("--text-config", default=None, help="config of a hub --text-data; if not "
                    "given, GSM8K's main, or none")
     p.add_argument("--text-split", default="train", help="split of a hub/local --text-data")
-    p.add_argument("--text-column", default="question", help="prompt column of --text-data")
+    p.add_argument("--text-column", default="question", help="prompt column (or .jsonl field) "
+                   "of --text-data")
     p.add_argument("--text-samples", type=int, default=128,
                    help="text prompts used, the first N (ours)")
+    p.add_argument("--text-max-new-tokens", type=int, default=1024, help="length limit of the "
+                   "LRM's answers to the text prompts (ours: an R1-style model's whole answer to "
+                   "a GSM8K question, docs/choices.md)")
     p.add_argument("--gate-init", type=float, default=0.0, help="initial logit of every gate "
                    "(paper: 0, half open; the flag is ours, for the ablation)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps on the gates (ours)")
     p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates (ours)")
     p.add_argument("--batch-size", type=int, default=4, help="questions per forward pass (ours)")
     p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
-    p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="length limit of the teacher's answers (ours: VizWiz answers are short)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="length limit of the VLM "
+                   "teacher's answers to the calibration questions (ours: VizWiz answers are "
+                   "short)")
     p.add_argument("--rank", type=int, default=None,
                    help="keep only the top-k subspaces of each layer; if not given, all (the "
                    "paper)")
@@ -773,7 +826,8 @@ def parse_args(argv=None):
 
 TRAINING = ("alpha", "objective", "gate_init", "steps", "lr", "grad_accum", "cache_teacher",
             "gradient_checkpointing")
-TEXT = ("beta", "text_data", "text_config", "text_split", "text_column", "text_samples")
+TEXT = ("beta", "text_data", "text_config", "text_split", "text_column", "text_samples",
+        "text_max_new_tokens")
 DATA = ("data", "data_split", "image_column", "question_column", "num_samples", "max_pixels",
         "max_new_tokens", "batch_size")
 # Flags that another flag voids or contradicts: (flag, voided when, why). A flag the user gave in
@@ -812,10 +866,15 @@ def check_flags(args):
     for dest in TEXT:
         if dest in given and not OBJECTIVES[args.objective].text:
             raise InputError(f"{flag_name(dest)} has no effect with --objective {args.objective} "
-                             f"(only an objective that reads the text stream, such as dual, "
+                             f"(only an objective that reads the text stream, {text_objectives()}, "
                              f"uses it).")
+    for dest, data in (("data_split", "data"), ("text_split", "text_data"),
+                       ("text_config", "text_data")):
+        if dest in given and str(getattr(args, data)).endswith(".jsonl"):
+            raise InputError(f"{flag_name(dest)} has no effect with a .jsonl {flag_name(data)} (a "
+                             f"file of lines has no splits or configs).")
     for dest in ("steps", "batch_size", "grad_accum", "num_samples", "max_new_tokens", "rank",
-                 "text_samples"):
+                 "text_samples", "text_max_new_tokens"):
         if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
             raise InputError(f"{flag_name(dest)} must be a positive integer, not "
                              f"{getattr(args, dest)}.")
@@ -1081,35 +1140,69 @@ def fit_pixels(image, max_pixels):
 
 
 def load_calibration(args):
-    """A list of (image, question) pairs: from a .jsonl file, or a hub/local dataset."""
+    """A list of (image, question) pairs: from a .jsonl file, or a hub/local dataset; every row
+    read and every image decoded here, before any weight loads."""
     from PIL import Image
-    samples = []
+    columns = (args.image_column, args.question_column)
     if args.data.endswith(".jsonl"):
-        if not os.path.isfile(args.data):
-            raise InputError(f"--data {args.data!r} does not exist.")
-        root = os.path.dirname(os.path.abspath(args.data))
-        with open(args.data) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                    image = os.path.join(root, item["image"])
-                    samples.append((Image.open(image), item["question"]))
-                except (ValueError, KeyError, OSError) as e:
-                    raise InputError(f"--data {args.data!r} line {n} is not a usable "
-                                     f'{{"image": path, "question": text}} item ({e}).') from e
-                if len(samples) == args.num_samples:
-                    break
-    else:
-        for example in dataset_rows("--data", args.data, args.data_split,
-                                    (args.image_column, args.question_column)):
-            samples.append((example[args.image_column], example[args.question_column]))
-            if len(samples) == args.num_samples:
+        root, rows = os.path.dirname(os.path.abspath(args.data)), []
+        for n, item in jsonl_lines("--data", args.data):
+            if not all(column in item for column in columns):
+                raise InputError(f"--data {args.data!r} line {n} has no {columns[0]!r} or no "
+                                 f"{columns[1]!r} (--image-column, --question-column).")
+            rows.append((f"line {n}", os.path.join(root, str(item[columns[0]])), item[columns[1]]))
+            if len(rows) == args.num_samples:
                 break
-    if not samples:
+    else:
+        rows = [(f"row {n}", row[columns[0]], row[columns[1]]) for n, row in enumerate(
+            dataset_rows("--data", args.data, args.data_split, columns, args.num_samples), 1)]
+    if not rows:
         raise InputError(f"--data {args.data!r} holds no calibration questions.")
-    return [(fit_pixels(image, args.max_pixels), question) for image, question in samples]
+    samples = []
+    for where, image, question in rows:
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(f"--data {args.data!r} {where} holds a question that is not text "
+                             f"({question!r:.60}).")
+        try:
+            samples.append((fit_pixels(Image.open(image) if isinstance(image, str) else image,
+                                       args.max_pixels), question))
+        except (OSError, AttributeError, ValueError) as e:
+            raise InputError(f"--data {args.data!r} {where} has no readable image "
+                             f"({type(e).__name__}: {e}).") from e
+    return samples
+
+
+def jsonl_lines(flag, path):
+    """(line number, object) for each non-empty line of a .jsonl file. A line that is not UTF-8
+    text, not JSON or not an object ends the run in one sentence naming the flag, file and line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path!r} does not exist.")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise InputError(f"{flag} {path!r} line {n} is not UTF-8 text (byte "
+                                 f"{raw[e.start]:#04x} at column {e.start + 1}); save the file "
+                                 f"as UTF-8.") from e
+            except ValueError as e:
+                raise InputError(f"{flag} {path!r} line {n} is not JSON ({e}).") from e
+            if not isinstance(item, dict):
+                raise InputError(f"{flag} {path!r} line {n} is not a JSON object "
+                                 f"({raw.decode('utf-8').strip():.60}).")
+            yield n, item
+
+
+def local_jsonl_faults(flag, path):
+    """Where a local data directory could not be read: its .jsonl files line by line, so that a
+    line at fault is named (jsonl_lines raises on it); nothing where none is."""
+    if os.path.isdir(path):
+        for file in sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                           if f.endswith(".jsonl")):
+            for _ in jsonl_lines(flag, file):
+                pass
 
 
 def open_dataset(path, split, config=None, streaming=False):
@@ -1122,57 +1215,72 @@ def open_dataset(path, split, config=None, streaming=False):
     return datasets.load_dataset(path, config, split=split, streaming=streaming)
 
 
-def dataset_rows(flag, path, split, columns, config=None):
-    """Rows of a hub dataset, streamed (only what is used is downloaded), or a saved one."""
+def dataset_rows(flag, path, split, columns, limit, config=None):
+    """The first `limit` rows (those columns) of a hub dataset, streamed (only what is used is
+    downloaded), a local data directory or a saved one, read here so that a fault in them is one
+    sentence before any weight loads; in a local directory's .jsonl files, with its line."""
     try:
         ds = open_dataset(path, split, config, streaming=True)
     except Exception as e:
+        local_jsonl_faults(flag, path)
         raise InputError(f"{flag} {path!r} split {split!r} could not be loaded "
                          f"({type(e).__name__}: {e}).") from e
     has = ds.column_names or list(ds.features or [])
     for column in columns:
         if has and column not in has:
             raise InputError(f"{flag} {path!r} has no column {column!r} (it has {has}).")
-    return ds
+    rows = []
+    try:
+        for row in ds:
+            rows.append({column: row[column] for column in columns})
+            if len(rows) == limit:
+                break
+    except Exception as e:
+        local_jsonl_faults(flag, path)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{flag} {path!r} split {split!r}: row {len(rows) + 1} could not be "
+                         f"read ({type(e).__name__}: {reason:.200}).") from e
+    return rows
 
 
-# ---- the text stream (--objective dual): prompts, then the LRM's answers --------------------
+# ---- the text stream, for objectives that read it: prompts, then the LRM's answers -----------
 
 def reads_text(args):
     """Does the run train with an objective that reads the text stream?"""
     return not args.no_train and not args.scan and OBJECTIVES[args.objective].text
 
 
+def text_objectives():
+    """The objectives that read the text stream (rows of OBJECTIVES with text=True), as messages
+    and help name them: "--objective dual"."""
+    return "--objective " + " or ".join(name for name, row in OBJECTIVES.items() if row.text)
+
+
 def load_text_prompts(args):
-    """The text stream's unlabelled reasoning prompts: a .jsonl of {"question": text} lines, or
-    one column of a hub/local dataset (its answers, if it has any, are never read)."""
-    prompts, flag = [], "--text-data"
+    """The text stream's unlabelled reasoning prompts: a .jsonl with one prompt a line (in the
+    --text-column field), or one column of a hub/local dataset (its answers, if it has any, are
+    never read)."""
+    flag, column = "--text-data", args.text_column
     if args.text_data.endswith(".jsonl"):
-        if not os.path.isfile(args.text_data):
-            raise InputError(f"{flag} {args.text_data!r} does not exist.")
-        with open(args.text_data) as f:
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line)["question"])
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise InputError(f"{flag} {args.text_data!r} line {n} is not a "
-                                         f'{{"question": text}} item ({e}).') from e
+        rows = []
+        for n, item in jsonl_lines(flag, args.text_data):
+            if column not in item:
+                raise InputError(f"{flag} {args.text_data!r} line {n} has no {column!r} "
+                                 f"(--text-column).")
+            rows.append((f"line {n}", item[column]))
+            if len(rows) == args.text_samples:
+                break
     else:  # ours: GSM8K, the default, has two configs; the plain one is "main"
         config = args.text_config or ("main" if args.text_data == GSM8K else None)
-        rows = (row[args.text_column] for row in dataset_rows(
-            flag, args.text_data, args.text_split, (args.text_column,), config))
-    for prompt in rows:
+        rows = [(f"row {n}", row[column]) for n, row in enumerate(dataset_rows(
+            flag, args.text_data, args.text_split, (column,), args.text_samples, config), 1)]
+    for where, prompt in rows:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{flag} {args.text_data!r} holds a prompt that is not text "
+            raise InputError(f"{flag} {args.text_data!r} {where} holds a prompt that is not text "
                              f"({prompt!r:.60}).")
-        prompts.append(prompt)
-        if len(prompts) == args.text_samples:
-            break
-    if not prompts:
+    if not rows:
         raise InputError(f"{flag} {args.text_data!r} holds no prompts.")
-    return prompts
+    return [prompt for _, prompt in rows]
 
 
 def check_text_stream(vlm, lrm):
@@ -1185,8 +1293,8 @@ def check_text_stream(vlm, lrm):
     sizes = {flag: language_config(load_config(path, flag)).vocab_size
              for flag, path in (("--vlm", vlm), ("--lrm", lrm))}
     if sizes["--vlm"] != sizes["--lrm"]:
-        raise InputError(f"--objective dual compares the LRM's next-token distribution with the "
-                         f"VLM's, but their output sizes differ ({sizes['--lrm']} and "
+        raise InputError(f"{text_objectives()} compares the LRM's next-token distribution with "
+                         f"the VLM's, but their output sizes differ ({sizes['--lrm']} and "
                          f"{sizes['--vlm']}).")
     tokenizers = {}
     for flag, path in (("--vlm", vlm), ("--lrm", lrm)):
@@ -1199,14 +1307,14 @@ def check_text_stream(vlm, lrm):
     added = {**vlm_tok.get_added_vocab(), **lrm_tok.get_added_vocab()}
     plain = lambda tok: {t: i for t, i in tok.get_vocab().items() if t not in added}  # noqa: E731
     if plain(vlm_tok) != plain(lrm_tok):
-        raise InputError("--objective dual reads the LRM's answers with the VLM's tokenizer, but "
-                         "the two tokenizers' vocabularies differ: they are not one family.")
+        raise InputError(f"{text_objectives()} reads the LRM's answers with the VLM's tokenizer, "
+                         "but the two tokenizers' vocabularies differ: they are not one family.")
     return {i for tok, other in ((lrm_tok, vlm_tok), (vlm_tok, lrm_tok))
             for t, i in tok.get_added_vocab().items() if other.convert_ids_to_tokens(i) != t}
 
 
 def answer_text_prompts(lrm_path, prompts, unreadable, args):
-    """Load the LRM, let it answer the prompts (lrm_answers), release it: (items, log p_lrm)."""
+    """Load the LRM, let it answer the prompts (lrm_answers), release it: the TextStream."""
     import gc
     from transformers import AutoModelForCausalLM, AutoTokenizer
     lrm = AutoModelForCausalLM.from_pretrained(lrm_path, dtype=getattr(torch, args.dtype),
@@ -1348,10 +1456,11 @@ def memory_plan(cfg, parameters, args, device_gib, lrm_parameters=None):
     b = torch.finfo(getattr(torch, args.dtype)).bits // 8
     shapes = list(expected_shapes(t).values())
     tokens = args.batch_size * (args.max_pixels // (28 * 28) + 64 + args.max_new_tokens)
-    text_tokens = args.batch_size * (TEXT_PROMPT_TOKENS + args.max_new_tokens) \
+    text_tokens = args.batch_size * (TEXT_PROMPT_TOKENS + args.text_max_new_tokens) \
         if lrm_parameters else 0
     layers, h, i = t.num_hidden_layers, t.hidden_size, t.intermediate_size
     logits = args.batch_size * args.max_new_tokens * t.vocab_size * 4 * 4
+    text_logits = args.batch_size * args.text_max_new_tokens * t.vocab_size * 4 * 4
 
     def plan(rank):
         keep = kept_directions(args) if args.band else slice(None, rank)
@@ -1365,7 +1474,7 @@ def memory_plan(cfg, parameters, args, device_gib, lrm_parameters=None):
                  "activations (estimate)": tokens * per_token + logits,
                  "SVD workspace (transient)": 3 * max(o * n for o, n in shapes) * 4}
         if text_tokens:
-            items["text stream activations (est.)"] = text_tokens * per_token + logits
+            items["text stream activations (est.)"] = text_tokens * per_token + text_logits
         return items, sum(items.values()) / 2 ** 30
 
     items, total = plan(args.rank)
@@ -1380,7 +1489,7 @@ def memory_plan(cfg, parameters, args, device_gib, lrm_parameters=None):
     if lrm_parameters:  # generation's KV cache, then one pass for the LRM's log-probs
         kv = text_tokens * layers * 2 * t.num_key_value_heads * config_value(t, "head_dim") * b
         lrm = {"LRM weights": lrm_parameters * b, "KV cache, activations (est.)":
-               kv + text_tokens * (h + i) * b * 4 + logits}
+               kv + text_tokens * (h + i) * b * 4 + text_logits}
         out["lrm_stage"] = {k: v / 2 ** 30 for k, v in lrm.items()}
         out["lrm_stage_gib"] = sum(lrm.values()) / 2 ** 30
         if device_gib:
@@ -1412,7 +1521,8 @@ def dry_run(args):
     print(f"FRISM memory plan: {args.dtype}, rank {args.rank or 'all'}, batch {args.batch_size}, "
           f"{plan['tokens'] // args.batch_size} tokens a sample, VLM parameters {source}")
     if lrm_parameters:
-        print(f"  first, the LRM answers at most {args.text_samples} text prompts and is released:")
+        print(f"  first, the LRM answers at most {args.text_samples} text prompts (up to "
+              f"{args.text_max_new_tokens} tokens each) and is released:")
         for item, gib in plan["lrm_stage"].items():
             print(f"  {item:32s} {gib:8.2f} GiB")
         print(f"  {'peak of that stage':32s} {plan['lrm_stage_gib']:8.2f} GiB")
@@ -1430,10 +1540,9 @@ def dry_run(args):
     print(f"  host memory for a teacher cache: at most {cache / 2 ** 30:.2f} GiB (taken by "
           f"--cache-teacher auto where it fits and the objective reads the teacher)")
     if lrm_parameters:
-        kept = args.text_samples * args.max_new_tokens * language_config(
-            configs["vlm"]).vocab_size * 4
-        print(f"  host memory for the LRM's log-probs on the text stream: at most "
-              f"{kept / 2 ** 30:.2f} GiB (always kept: the LRM is gone when training starts)")
+        kept = args.text_samples * args.text_max_new_tokens * (TEXT_TOP_K * (8 + 4) + 4)
+        print(f"  host memory for the LRM's top-{TEXT_TOP_K} log-probs on the text stream: at "
+              f"most {kept / 2 ** 30:.2f} GiB (always kept: the LRM is gone when training starts)")
     return plan
 
 
@@ -1481,8 +1590,17 @@ def process_alive(pid):
     return True
 
 
+# Ours: the gates go beside the model in a subdirectory, where no model loader looks. Without a
+# shard index (transformers writes none for a checkpoint of up to 50 GB), vLLM and SGLang load every
+# *.safetensors file at the top of a model directory, and a tensor the model does not have stops
+# them; the top of --out holds the checkpoint's own files only.
+GATES_DIR = "gates"
+GATE_PARAMETERS = f"{GATES_DIR}/parameters.safetensors"  # every trained parameter (FRISM: g)
+GATE_VALUES = f"{GATES_DIR}/values.safetensors"  # the gate of every direction, S_eff / S
+
+
 def save(model, processor, out, dtype, extra, overwrite=False):
-    """Write the model, its processor and `extra` ({file name: writer(path)}) into a hidden
+    """Write the model, its processor and `extra` ({file path: writer(path)}) into a hidden
     sibling directory, then rename it into place: an interrupted run (Ctrl-C, a full disk)
     leaves neither a complete-looking model nor a hidden partial directory behind, and one
     killed outright leaves a directory the next run removes. A replaced --out is moved aside
@@ -1500,6 +1618,7 @@ def save(model, processor, out, dtype, extra, overwrite=False):
             model.to(dtype).save_pretrained(tmp)  # the input checkpoint's dtype and tensor names
             processor.save_pretrained(tmp)
         for file, write in extra.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, file)), exist_ok=True)
             write(os.path.join(tmp, file))
         if os.path.exists(out):  # empty, or --overwrite was given
             old = tempfile.mkdtemp(prefix=staging_prefix(out, "replaced"), dir=parent)
@@ -1552,6 +1671,11 @@ FRISM_PAPER = ("FRISM, subspace-level merging with one learned gate per singular
                "ICML 2026).")
 
 
+TASK_ARITHMETIC = ("Task Arithmetic (Ilharco et al., ICLR 2023), W = W_vlm + lam * tau: Eq. 7 of "
+                   "FRISM with every gate open (frism.py --no-train), the same merge as "
+                   "baselines.py ta.")
+
+
 def objective_name(args, make_objective):
     """What the report and the model card say the gates minimised."""
     if make_objective is not None:
@@ -1594,6 +1718,12 @@ def frism_card(args, command, report):
                    f"of the task vectors'.",
                    "The objective's terms at the last step: " + ", ".join(
                        f"{k} {v:.4g}" for k, v in last.items()) + "."]
+    figures.append(f"The gates are beside the model, in `{GATE_PARAMETERS}` (every trained "
+                   f"parameter) and `{GATE_VALUES}` (the gate of every direction, S_eff / S), "
+                   f"where no model loader reads them.")
+    if args.no_train:  # the model is Task Arithmetic's, and its card says so
+        return model_card(args.vlm, args.lrm, args.base, "ta", TASK_ARITHMETIC, settings,
+                          figures, command)
     return model_card(args.vlm, args.lrm, args.base, "frism", FRISM_PAPER, settings, figures,
                       command)
 
@@ -1650,6 +1780,10 @@ def run(args, command="", make_objective=None):
     if prompts:  # the LRM answers first and is released, so it never sits beside the VLM
         text = answer_text_prompts(lrm, prompts, unreadable, args)
         lap("lrm_answers")
+        if text.cut > len(prompts) / 10:  # ours: more than a tenth cut is worth a line
+            print(f"frism.py: {text.cut} of the LRM's {len(prompts)} answers reached "
+                  f"--text-max-new-tokens {args.text_max_new_tokens} and were cut; raise it so "
+                  f"that the text stream holds whole answers.", file=sys.stderr)
     model, processor = load_vlm(vlm, args.dtype, args.device, args.device_map)
     lap("load")
     if args.scan:
@@ -1661,8 +1795,9 @@ def run(args, command="", make_objective=None):
                                                 args, make_objective, lap, text)
         report["objective"] = objective_name(args, make_objective)
         if text:
-            report["text_stream"] = {"prompts": len(prompts), "answers": len(text[0]),
-                                     "answer_tokens": sum(len(a.ids) for a in text[0])}
+            report["text_stream"] = {"prompts": len(prompts), "answers": len(text.items),
+                                     "answer_tokens": sum(len(a.ids) for a in text.items),
+                                     "cut_by_limit": text.cut}
     report = {"args": vars(args), "command": command, "versions": versions(),
               "seconds": lap.seconds, "memory": dict(peak_memory(), after_stage=lap.peaks),
               **report}
@@ -1672,8 +1807,7 @@ def run(args, command="", make_objective=None):
                  args.overwrite)
         return report
     save(model, processor, args.out, checkpoint_dtype(vlm, model.dtype),
-         {"frism_gates.safetensors": write_tensors(trained),
-          "frism_gate_values.safetensors": write_tensors(gates),
+         {GATE_PARAMETERS: write_tensors(trained), GATE_VALUES: write_tensors(gates),
           "frism_report.json": write_json(report),
           "README.md": frism_card(args, command, report)}, args.overwrite)
     return report

@@ -12,7 +12,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = ["frism.py", "baselines.py", "eval.py", "toy.py", "test_frism.py", "test_toy.py",
-           "test_baselines.py", "conftest.py"]
+           "test_baselines.py", "conftest.py"] + [
+    os.path.join("miniature", f) for f in sorted(os.listdir(os.path.join(HERE, "miniature")))
+    if f.endswith(".py")]
 
 
 def sections(path):
@@ -49,9 +51,9 @@ def apply(block, root):
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
     """A smoke-sized miniature world, cached where `toy.py --only` looks for seed 0."""
-    import toy
+    from miniature import cache
     root = tmp_path_factory.mktemp("toy")
-    toy.ensure_world(str(root / "seed-0"), 0, smoke=True)
+    cache.ensure_world(str(root / "seed-0"), 0, smoke=True)
     return root
 
 
@@ -62,9 +64,9 @@ def test_every_fork_of_the_forking_page_applies_and_runs(trio, smoke_world, tmp_
     tiny trio (frism.py training with 2 steps and short answers, toy.py on a smoke world); every
     new row of the miniature is made, and meets its expectation."""
     root = tmp_path / "fork"
-    root.mkdir()
+    (root / "miniature").mkdir(parents=True)
     for file in PROJECT:
-        shutil.copy(os.path.join(HERE, file), root)
+        shutil.copy(os.path.join(HERE, file), root / file)
     for language, code in blocks:
         if language == "python":
             apply(code, root)
@@ -86,12 +88,13 @@ def test_every_fork_of_the_forking_page_applies_and_runs(trio, smoke_world, tmp_
         assert report["objective"].startswith("reverse_kl")
         assert {"reverse_kl", "injected"} <= report["loss_curve"][-1].keys()
     if title.startswith("2."):
+        import frism
         from safetensors.torch import load_file
-        saved = load_file(root / "merged-shift" / "frism_gates.safetensors")
+        saved = load_file(root / "merged-shift" / frism.GATE_PARAMETERS)
         shifts = [v for k, v in saved.items() if k.endswith(".h")]
         assert len(shifts) == 14 and any(v.item() != 0 for v in shifts)  # trained and saved
         # every figure of the gates is the edited layer's own, S_eff / S = sigmoid(g + h)
-        gates = load_file(root / "merged-shift" / "frism_gate_values.safetensors")
+        gates = load_file(root / "merged-shift" / frism.GATE_VALUES)
         for path, gate in gates.items():
             torch.testing.assert_close(gate, torch.sigmoid(saved[f"{path}.g"] + saved[f"{path}.h"]))
         report = json.load(open(root / "merged-shift" / "frism_report.json"))
@@ -129,7 +132,7 @@ summary = json.load(open(os.path.join(world, "summary.json")))
 new = summary["per_seed"][0]["only"]
 assert new, "no row was made"
 for name in new:
-    assert name in summary["rows"], name
+    assert name in summary["per_seed"][0]["rows"] and name in summary["findings"]["table"], name
     checks = [c for p, c in test_toy.ROW_EXPECTATIONS if fnmatch.fnmatchcase(name, p)]
     assert checks and all(c(test_toy.row_report(summary, name)) for c in checks), name
 """
@@ -160,22 +163,68 @@ def test_every_link_of_the_documentation_resolves(page):
             assert anchor in anchors(path), f"{page}: {target}"
 
 
+def committed():
+    with open(os.path.join(HERE, ".assets", "summary.json")) as f:
+        return json.load(f)
+
+
 def test_every_figure_of_the_readmes_miniature_table_is_in_the_committed_summary():
-    """The README's table is `python toy.py --seeds 3 --full`'s summary, committed in .assets/:
-    each row names its row of the summary in backticks, and each cell is that row's figure
-    (mean, min-max over the seeds) as toy.py prints it."""
-    import toy
-    summary = json.load(open(os.path.join(HERE, ".assets", "summary.json")))
-    assert summary["seeds"] == 3 and summary["full"]
+    """The README's table is `python toy.py --seeds N --full`'s summary, committed in .assets/
+    (N >= 5 worlds): each row names its row of the summary in backticks, and each cell is that
+    row's figure with its 95 % interval over worlds, or its paired difference to Task Arithmetic at
+    the lambda chosen on the held-out split, as toy.py prints them."""
+    from miniature import report
+    summary = committed()
+    assert summary["seeds"] >= 5 and summary["full"]
     readme = open(os.path.join(HERE, "README.md")).read()
     table = readme.split("<!-- miniature-table -->")[1].split("<!-- /miniature-table -->")[0]
     rows = [line.split("|")[1:-1] for line in table.strip().splitlines()[2:]]
-    assert rows
+    assert len(rows) >= 8
+    found = summary["findings"]
     for first, *cells in rows:
         name = re.search(r"`([^`]+)`", first).group(1)
-        figures = summary["rows"].get(name) or summary["chosen_rows"][name]
-        assert [c.strip() for c in cells] == [toy.cell(figures[c]) for c in
-                                              ("perception", "vl_reasoning")], name
+        figures, vs = found["table"][name], found["references"][name]["vs_ta"]
+        assert [c.strip() for c in cells] == [
+            report.cell(figures["perception"]), report.cell(figures["vl_reasoning"]),
+            report.difference(vs["vl_reasoning"]), report.difference(vs["perception"])], name
+
+
+CLAIM = re.compile(r"<!-- (claim|target|check): (.+?) -->")
+
+
+def claims(page):
+    """Every marked statement of a page: (kind, arguments, the sentence before the marker)."""
+    text = open(os.path.join(HERE, page)).read()
+    out, last = [], 0
+    for m in CLAIM.finditer(text):
+        start = max(text.rfind(". ", 0, m.start() - 2), text.rfind("\n\n", 0, m.start()), last)
+        out.append((m.group(1), [a.strip() for a in m.group(2).split(";")],
+                    " ".join(text[start:m.start()].split())))
+        last = m.end()
+    return out
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/miniature.md"])
+def test_every_comparison_the_docs_state_is_what_the_committed_summary_says(page):
+    """A sentence that compares two rows carries a marker naming them and the axis (<!-- claim: A;
+    B; axis -->): it must hold their paired difference with its 95 % interval and the word the
+    interval allows (above, below, level, undecided), computed from the committed summary. A
+    target (<!-- target: row -->) must say met, not met or undecided as its intervals do; the world
+    check (<!-- check -->) how many reported worlds pass it. A claim the data do not support
+    fails here."""
+    from miniature import report
+    summary = committed()
+    marked = claims(page)
+    assert len(marked) >= (6 if page == "README.md" else 10)
+    for kind, args, sentence in marked:
+        if kind == "claim":
+            a, b, axis = args
+            expected = report.claim(summary, a, b, axis)
+        elif kind == "target":
+            expected = report.target_words(summary, args[0])
+        else:
+            expected = report.check_words(summary)
+        assert expected in sentence, (page, args, expected, sentence)
 
 
 def test_the_dry_run_plans_in_the_docs_are_what_the_code_prints(tmp_path, capsys):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 import eval as ev
@@ -420,3 +421,60 @@ def test_bad_numbers_are_refused_before_any_work(trio, local_bench, tmp_path, fl
                     "--out", str(tmp_path / "r.json"))
     assert done.returncode == 2 and flag in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_reference_answer_is_scored_by_its_log_likelihood_beside_exact_match(trio, tmp_path):
+    """An item with a `reference` (a worked chain) gets, for each model, the mean log-probability
+    per token of that reference after its prompt, teacher-forced: the same number a direct
+    forward pass gives, for an image item and a text item alike; other fields ride along."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    root = tmp_path / "bench"
+    root.mkdir()
+    items = [{"image": draw(root / "a.png"), "question": "What number is shown?", "answer": "3",
+              "kind": "reasoning", "reference": "The number is 3.", "depth": 2},
+             {"question": "What is 2 + 3?", "answer": "5", "kind": "reasoning",
+              "reference": "2 + 3 = 5."}]
+    path = root / "chains.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    out = tmp_path / "results.json"
+    done = run_eval("--models", trio["vlm"], "--benchmarks", str(path), "--max-new-tokens", "3",
+                    "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())["results"][trio["vlm"]]["chains"]
+    predictions = result["predictions"]
+    assert predictions[0]["depth"] == 2 and "depth" not in predictions[1]
+    model = AutoModelForImageTextToText.from_pretrained(trio["vlm"]).eval()
+    processor = AutoProcessor.from_pretrained(trio["vlm"])
+    m = {"model": model, "processor": processor, "tokenizer": processor.tokenizer, "vision": True}
+    args = ev.parse_args(["--models", "x"])
+    loaded = ev.load_local(str(path), None)
+    for item, prediction in zip(loaded, predictions):
+        prompt = ev.chat(m, item["question"], item.get("image") is not None, args.system)
+        inputs = processor(text=[prompt], images=[[ev.fit_pixels(item["image"], args.max_pixels)]]
+                           if item.get("image") else None, return_tensors="pt")
+        answer = processor.tokenizer(item["reference"], add_special_tokens=False).input_ids
+        n = inputs["input_ids"].shape[1]
+        whole = {k: torch.cat([v, torch.tensor([answer]) if k == "input_ids" else
+                               torch.full((1, len(answer)), int(k == "attention_mask"))], dim=1)
+                 if torch.is_tensor(v) and v.shape == inputs["input_ids"].shape else v
+                 for k, v in inputs.items()}  # every per-token tensor extended to the answer
+        with torch.no_grad():
+            logp = F.log_softmax(model(**whole).logits[0].float(), -1)
+        expected = logp[torch.arange(n - 1, n - 1 + len(answer)), torch.tensor(answer)].mean()
+        assert prediction["reference_logp"] == pytest.approx(expected.item(), abs=1e-4)
+    assert result["metrics"]["reference_logp"] == pytest.approx(
+        sum(p["reference_logp"] for p in predictions) / 2)
+
+
+def test_an_empty_system_prompt_sends_no_system_turn(trio):
+    """--system "" leaves the system turn out: the chat is the user's turn alone, as the model's
+    own template writes it (a model with no template gets the question as plain text)."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(trio["vlm"])
+    m = {"processor": processor, "tokenizer": processor.tokenizer}
+    with_system = ev.chat(m, "What is 2 + 3?", False, "You are terse.")
+    without = ev.chat(m, "What is 2 + 3?", False, "")
+    assert "You are terse." in with_system and "system" not in without
+    assert without == processor.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import eval as ev
 import frism
-import toy
+from miniature import world
 from test_frism import tensors
 
 CHAT = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -48,7 +48,7 @@ def qwen2_vl(tok):
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2Config,
                               Qwen2ForCausalLM, Qwen2VLProcessor, Qwen2VLImageProcessor,
                               Qwen2VLVideoProcessor)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in world.SPECIAL_TOKENS}
     vlm = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
         text_config=dict(TEXT, vocab_size=len(tok), rope_parameters=dict(
             rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 4])),
@@ -65,7 +65,7 @@ def qwen3_vl(tok):
     from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3Config,
                               Qwen3ForCausalLM, Qwen3VLProcessor, Qwen2VLImageProcessor,
                               Qwen3VLVideoProcessor)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in world.SPECIAL_TOKENS}
     text = dict(TEXT, vocab_size=len(tok), head_dim=16)
     vlm = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
         text_config=dict(text, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
@@ -168,8 +168,8 @@ def idefics3(tok):
 # family: (its special tokens, those a processor reads as tokenizer attributes, builder,
 # where its checkpoints keep the decoder, whether an image's token count follows its size)
 FAMILIES = {
-    "qwen2_vl": (toy.SPECIAL_TOKENS[3:], None, qwen2_vl, "model.layers.", True),
-    "qwen3_vl": (toy.SPECIAL_TOKENS[3:], None, qwen3_vl, "model.language_model.layers.", True),
+    "qwen2_vl": (world.SPECIAL_TOKENS[3:], None, qwen2_vl, "model.layers.", True),
+    "qwen3_vl": (world.SPECIAL_TOKENS[3:], None, qwen3_vl, "model.language_model.layers.", True),
     "llava_onevision": (["<image>", "<video>"], None, llava_onevision,
                         "language_model.model.layers.", True),
     "gemma3": (list(GEMMA3_TOKENS.values()), GEMMA3_TOKENS, gemma3,
@@ -194,8 +194,8 @@ def build(family, root, multimodal_base=False, seed=0):
         base = type(vlm)(vlm.config)
     lrm = type(base)(base.config)
     lrm.load_state_dict(base.state_dict())
-    toy.perturbed(lrm, 0.3, 4, seed + 1)
-    toy.perturbed(vlm, 0.1, 4, seed + 2)
+    world.perturbed(lrm, 0.3, 4, seed + 1)
+    world.perturbed(vlm, 0.1, 4, seed + 2)
     gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     for name, model in (("base", base), ("lrm", lrm), ("vlm", vlm)):
         model.generation_config = gen
@@ -206,7 +206,7 @@ def build(family, root, multimodal_base=False, seed=0):
     os.makedirs(os.path.join(root, "data", "images"), exist_ok=True)
     with open(os.path.join(root, "data", "calib.jsonl"), "w") as f:
         for i, size in enumerate(SIZES):
-            toy.draw_digit(i, rng).resize(size).save(os.path.join(root, "data", "images",
+            world.draw_digit(i, rng, hard=False).resize(size).save(os.path.join(root, "data", "images",
                                                                   f"{i}.png"))
             f.write(json.dumps({"image": f"images/{i}.png", "question": "What is shown?",
                                 "kind": "perception", "answer": i}) + "\n")

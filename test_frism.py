@@ -386,10 +386,10 @@ def test_cli_output_has_the_input_checkpoint_names_and_only_merged_weights_chang
 @pytest.mark.layer
 def test_cli_weights_follow_eq7_with_an_independent_svd_and_the_saved_gates(trio, frism_run):
     """W = W_vlm + lam U diag(gate * S) Vh, with the gate of every direction as the run saved
-    it (frism_gate_values.safetensors: S_eff / S, FRISM's sigmoid(g))."""
+    it (gates/values.safetensors: S_eff / S, FRISM's sigmoid(g))."""
     vlm, merged = tensors(trio["vlm"]), tensors(frism_run)
-    gates = load_file(os.path.join(frism_run, "frism_gate_values.safetensors"))
-    params = load_file(os.path.join(frism_run, "frism_gates.safetensors"))
+    gates = load_file(os.path.join(frism_run, frism.GATE_VALUES))
+    params = load_file(os.path.join(frism_run, frism.GATE_PARAMETERS))
     assert len(gates) == 14 and {f"{path}.g" for path in gates} <= set(params)
     for key, gate in gates.items():
         name = key.split("language_model.", 1)[1]
@@ -428,7 +428,7 @@ def test_cli_no_train_is_exact_task_arithmetic(trio, tmp_path):
         assert torch.equal(merged[key], expected), key
     report = json.load(open(tmp_path / "ta" / "frism_report.json"))
     assert report["args"]["lam"] == 0.5 and report["args"]["no_train"]
-    gates = load_file(tmp_path / "ta" / "frism_gates.safetensors")
+    gates = load_file(tmp_path / "ta" / frism.GATE_PARAMETERS)
     assert all(torch.all(g == math.inf) for g in gates.values())
 
 
@@ -525,6 +525,10 @@ FLAG_DECISIONS = [
     ("frism", ["--text-data", "{data}"], "refused", "--text-data has no effect with --objective eq10"),
     ("frism", ["--objective", "entropy", "--beta", "0.5"], "refused",
      "--beta has no effect with --objective entropy"),
+    ("frism", ["--data", "{data}", "--data-split", "train"], "refused",
+     "--data-split has no effect with a .jsonl --data"),
+    ("frism", ["--objective", "dual", "--text-data", "{data}", "--text-split", "test"], "refused",
+     "--text-split has no effect with a .jsonl --text-data"),
     ("frism", ["--device-memory", "10", "--no-train"], "refused",
      "--device-memory has no effect without --dry-run"),
     ("frism", ["--device-map", "auto", "--device", "cpu"], "refused",
@@ -904,31 +908,31 @@ def test_dry_run_refuses_mismatched_models(trio, wide_lrm, tmp_path):
 def write_shaped_trio(root, seed=0):
     """Random weights in the real layout: hidden 896, FFN 4864, 24 layers, 14 heads, 2 kv heads;
     the LRM = base + a low-rank-plus-noise update; the VLM's language model = base + noise."""
-    import toy
+    from miniature import world
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
-    tok = toy.make_tokenizer(["0123456789"], vocab_size=263)
-    ids = toy.special_ids(tok)
+    tok = world.make_tokenizer(["0123456789"], vocab_size=263)
+    ids = world.special_ids(tok)
     text = dict(vocab_size=len(tok), hidden_size=896, intermediate_size=4864,
                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                 tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
     base = Qwen2ForCausalLM(Qwen2Config(**text))
     base.save_pretrained(root / "base", max_shard_size="500MB")
-    toy.perturbed(base, 0.15, 64, seed + 1).save_pretrained(root / "lrm", max_shard_size="500MB")
+    world.perturbed(base, 0.15, 64, seed + 1).save_pretrained(root / "lrm", max_shard_size="500MB")
     base = Qwen2ForCausalLM.from_pretrained(root / "base")
-    vlm = toy.vlm_from_base(base, dict(text, rope_theta=10000.0), toy.TINY_VISION, [8, 12, 12],
+    vlm = world.vlm_from_base(base, dict(text, rope_theta=10000.0), world.TINY_VISION, [8, 12, 12],
                             ids)
-    toy.perturbed(vlm.model.language_model, 0.05, 16, seed + 2)
+    world.perturbed(vlm.model.language_model, 0.05, 16, seed + 2)
     vlm.generation_config.eos_token_id = ids["<|im_end|>"]
     vlm.generation_config.pad_token_id = ids["<|endoftext|>"]
     vlm.save_pretrained(root / "vlm", max_shard_size="500MB")
-    toy.make_processor(tok).save_pretrained(root / "vlm")
+    world.make_processor(tok).save_pretrained(root / "vlm")
     (root / "data").mkdir()
     rng = __import__("random").Random(seed)
     with open(root / "data" / "calib.jsonl", "w") as f:
         for i in range(8):
-            toy.draw_digit(i, rng).save(root / "data" / f"{i}.png")
+            world.draw_digit(i, rng, hard=False).save(root / "data" / f"{i}.png")
             f.write(json.dumps({"image": f"{i}.png", "question": "What number is shown?"}) + "\n")
     return {k: str(root / k) for k in ("base", "lrm", "vlm")} | {
         "data": str(root / "data" / "calib.jsonl")}
@@ -979,8 +983,14 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
     trio = write_shaped_trio(tmp_path)
     runs = {}
     for name, extra in (("default", ()), ("checkpointing", ("--gradient-checkpointing",))):
-        done = cli(trio, tmp_path / name, "--data", trio["data"], "--steps", "3", "--batch-size",
-                   "2", "--num-samples", "4", "--max-new-tokens", "8", *extra)
+        # `python frism.py ...` in a fresh process each: its peak holds nothing of the build above
+        # or of the other run, and its baseline is what that process holds after the checks
+        done = subprocess.run([sys.executable, os.path.join(HERE, "frism.py"), "--vlm", trio["vlm"],
+                               "--lrm", trio["lrm"], "--base", trio["base"], "--out",
+                               str(tmp_path / name), "--data", trio["data"], "--steps", "3",
+                               "--batch-size", "2", "--num-samples", "4", "--max-new-tokens", "8",
+                               *extra], capture_output=True, text=True, env=dict(
+                                   os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
         assert done.returncode == 0, done.stderr
         runs[name] = json.loads((tmp_path / name / "frism_report.json").read_text())
         runs[name]["peak"] = float(re.search(r"peak RSS ([\d.]+) GiB", done.stdout).group(1))
@@ -1065,8 +1075,9 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
     print(f"  VLM {vlm_gib:.2f} GiB + factors {factors_gib:.2f} GiB = {vlm_gib + factors_gib:.2f} GiB")
     for name, report in runs.items():
         peak, before = report["peak"], report["memory"]["after_stage"]["check"]["peak_rss_gib"]
-        print(f"  {name}: whole-run peak RSS {peak:.2f} GiB ({peak / (vlm_gib + factors_gib):.2f}x;"
-              f" less the {before:.2f} GiB the process holds before loading anything: "
+        print(f"  {name} (`python frism.py`, a fresh process): whole-run peak RSS {peak:.2f} GiB "
+              f"({peak / (vlm_gib + factors_gib):.2f}x; less the {before:.2f} GiB that process "
+              f"holds after its checks, before any weight is read: "
               f"{(peak - before) / (vlm_gib + factors_gib):.2f}x)")
         print("    stage seconds:", report["seconds"])
         print("    peak RSS (GiB) after each stage:", {k: round(v["peak_rss_gib"], 2) for k, v in
@@ -1417,8 +1428,8 @@ def test_the_program_runs_the_method_as_subspace_merge(trio, frism_run):
         frism.safetensors_index(trio["base"], "--base"), frism.load_calibration(args), args)
     assert not any(isinstance(m, frism.GatedLinear) for m in model.modules())  # folded
     assert len(record["loss_curve"]) == 4 and set(trained) == set(load_file(
-        frism_run / "frism_gates.safetensors"))
-    saved = load_file(frism_run / "frism_gate_values.safetensors")
+        frism_run / frism.GATE_PARAMETERS))
+    saved = load_file(frism_run / frism.GATE_VALUES)
     assert set(gates) == set(saved) and all(torch.equal(gates[k], saved[k]) for k in saved)
     on_disk = tensors(frism_run)
     for key, value in model.state_dict().items():
@@ -1446,13 +1457,13 @@ def test_a_parameter_a_fork_adds_to_the_gated_layer_trains_and_is_saved(trio, tm
     assert frism.main(["--vlm", trio["vlm"], "--lrm", trio["lrm"], "--base", trio["base"],
                        "--out", str(out), "--data", trio["data"], "--steps", "3",
                        "--max-new-tokens", "6", "--lam", "0.9"]) == 0
-    saved = load_file(out / "frism_gates.safetensors")
+    saved = load_file(out / frism.GATE_PARAMETERS)
     scales = {k: v for k, v in saved.items() if k.endswith(".scale")}
     assert len(scales) == 14 and {k.removesuffix(".scale") + ".g" for k in scales} <= set(saved)
     assert all(v.item() != 1.0 for v in scales.values())  # trained
     vlm, merged = tensors(trio["vlm"]), tensors(out)
     key = "model.language_model.layers.0.mlp.up_proj"
-    gate = load_file(out / "frism_gate_values.safetensors")[key]  # the layer's own: S_eff / S
+    gate = load_file(out / frism.GATE_VALUES)[key]  # the layer's own: S_eff / S
     assert not torch.allclose(gate, torch.sigmoid(saved[key + ".g"]))  # the scale takes part
     U, S, Vh = torch.linalg.svd(task_vector(trio, "layers.0.mlp.up_proj"), full_matrices=False)
     expected = vlm["model.layers.0.mlp.up_proj.weight"] + 0.9 * (U * (gate * S)) @ Vh
@@ -1462,7 +1473,7 @@ def test_a_parameter_a_fork_adds_to_the_gated_layer_trains_and_is_saved(trio, tm
     stats = report["gates"][key]  # the report's figures are the layer's own gates too
     assert stats["mean"] == pytest.approx(gate.mean().item(), rel=1e-5)
     assert report["loss_curve"][-1]["mean_gate"] == pytest.approx(torch.cat(
-        list(load_file(out / "frism_gate_values.safetensors").values())).mean().item(), rel=1e-5)
+        list(load_file(out / frism.GATE_VALUES).values())).mean().item(), rel=1e-5)
 
 
 # ---- the first run on a GPU: data id, lambda scan, model card, no hidden leftovers -----------
@@ -1523,8 +1534,10 @@ def test_every_frism_output_has_a_model_card_the_hub_reads(trio, frism_run):
 
 def test_a_task_arithmetic_output_has_a_model_card_too(trio, tmp_path):
     assert cli(trio, tmp_path / "ta", "--no-train", "--lam", "0.5").returncode == 0
-    assert_card(tmp_path / "ta", trio["vlm"], trio["lrm"], "frism", [
+    assert_card(tmp_path / "ta", trio["vlm"], trio["lrm"], "ta", [  # tagged with what made it
         "Task Arithmetic", "W = W_vlm + 0.5 * tau", "none (--no-train)"])
+    from huggingface_hub import ModelCard
+    assert "frism" not in ModelCard.load(tmp_path / "ta" / "README.md").data.tags
 
 
 def test_a_hard_kill_while_saving_leaves_nothing_hidden_after_the_next_run(trio, tmp_path):
@@ -1590,35 +1603,42 @@ def test_text_prompts_are_read_with_the_vlms_chat_template_and_no_image(trio):
     assert targets == [100, 101, 102, 103, 104]
 
 
-def test_the_lrm_answers_with_its_own_template_and_its_log_probs_are_kept(trio, text_prompts):
+def test_the_lrm_answers_with_its_own_template_and_its_top_log_probs_are_kept(trio,
+                                                                              text_prompts):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    args = dual_settings(trio, text_prompts, "--max-new-tokens", "5")
+    args = dual_settings(trio, text_prompts, "--text-max-new-tokens", "5")
     lrm = AutoModelForCausalLM.from_pretrained(trio["lrm"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(trio["lrm"])
     prompts = frism.load_text_prompts(args)
-    items, logps = frism.lrm_answers(lrm, tokenizer, prompts, set(), args)
+    stream = frism.lrm_answers(lrm, tokenizer, prompts, set(), args)
     stop = frism.end_of_turn_ids(lrm, tokenizer)
-    assert [item.question for item in items] == prompts[:len(items)] and items
-    for item, logp in zip(items, logps):
+    assert isinstance(stream, frism.TextStream) and stream.items
+    assert [item.question for item in stream.items] == prompts[:len(stream.items)]
+    k = min(frism.TEXT_TOP_K, lrm.config.vocab_size - 1)
+    for item, kept in zip(stream.items, stream.lrm):
         assert item.image is None and 0 < len(item.ids) <= 5 and not set(item.ids) & stop
         template = tokenizer.apply_chat_template([{"role": "user", "content": item.question}],
                                                  tokenize=False, add_generation_prompt=True)
         ids = tokenizer(template, add_special_tokens=False).input_ids + item.ids
         with torch.no_grad():
             expected = F.log_softmax(lrm(torch.tensor([ids])).logits[0].float(), -1)
-        torch.testing.assert_close(logp, expected[-len(item.ids) - 1:-1], atol=1e-5, rtol=1e-4)
-        greedy = expected[-len(item.ids) - 1:-1].argmax(-1).tolist()
-        assert greedy == item.ids  # its own greedy answer
+        at_answer = expected[-len(item.ids) - 1:-1]
+        top, where = at_answer.topk(k, dim=-1)
+        torch.testing.assert_close(kept.logp, top, atol=1e-5, rtol=1e-4)
+        assert torch.equal(kept.ids, where)
+        rest = at_answer.scatter(-1, where, -math.inf).logsumexp(-1)
+        torch.testing.assert_close(kept.rest, rest, atol=1e-5, rtol=1e-4)
+        assert at_answer.argmax(-1).tolist() == item.ids  # its own greedy answer
     # a token the VLM reads as another ends an answer where the LRM first emits it
-    ids = items[0].ids
+    ids = stream.items[0].ids
     k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])
-    cut, _ = frism.lrm_answers(lrm, tokenizer, [items[0].question], {ids[k]}, args)
-    assert cut[0].ids == ids[:k]
+    cut = frism.lrm_answers(lrm, tokenizer, [stream.items[0].question], {ids[k]}, args)
+    assert cut.items[0].ids == ids[:k]
     # one that opens it (an R1 model's <think>) stays in the LRM's context, out of the answer
     rest = ids[1:ids.index(ids[0], 1)] if ids[0] in ids[1:] else ids[1:]
-    opened, logp = frism.lrm_answers(lrm, tokenizer, [items[0].question], {ids[0]}, args)
-    assert opened[0].ids == rest
-    torch.testing.assert_close(logp[0], logps[0][1:1 + len(rest)])
+    opened = frism.lrm_answers(lrm, tokenizer, [stream.items[0].question], {ids[0]}, args)
+    assert opened.items[0].ids == rest
+    torch.testing.assert_close(opened.lrm[0].logp, stream.lrm[0].logp[1:1 + len(rest)])
 
 
 def test_the_lrm_is_released_before_the_vlm_loads(trio, text_prompts, tmp_path, monkeypatch):
@@ -1656,7 +1676,7 @@ def test_the_dual_objective_is_eq10_plus_beta_times_the_kl_to_the_lrm_on_text(tr
     student, teacher = student_and_teacher(model, gated, batch, mask)
     text_student, text_lrm = torch.randn(5, 9).log_softmax(-1), torch.randn(5, 9).log_softmax(-1)
     step = frism.Step(student, [], batch, mask, gated, args, lambda: teacher,
-                      lambda: (text_student, text_lrm))
+                      lambda: (text_student, frism.top(text_lrm, 8)))  # all but one token kept
     terms = frism.dual(step)
     kl_text = (text_lrm.exp() * (text_lrm - text_student)).sum(-1).mean()  # KL(p_lrm || p_merged)
     torch.testing.assert_close(terms["kl_text"], kl_text)
@@ -1688,7 +1708,7 @@ def test_dual_at_beta_0_trains_exactly_as_eq10(trio, text_prompts):
     (lambda p: p / "missing.jsonl", "does not exist"),
     (lambda p: (p / "empty.jsonl", (p / "empty.jsonl").write_text("\n"))[0], "holds no prompts"),
     (lambda p: (p / "keyless.jsonl", (p / "keyless.jsonl").write_text('{"text": "hi"}\n'))[0],
-     "line 1 is not a"),
+     "line 1 has no 'question' (--text-column)"),
     (lambda p: (p / "number.jsonl", (p / "number.jsonl").write_text('{"question": 7}\n'))[0],
      "not text"),
     (lambda p: "no-such-org/no-such-dataset", "could not be loaded"),
@@ -1721,3 +1741,198 @@ def test_a_text_stream_needs_one_vocabulary(trio, tmp_path):
     tok.save_pretrained(other)
     assert frism.check_text_stream(trio["vlm"], str(other)) == {
         tok.convert_tokens_to_ids("</think>")}
+
+
+# ---- the model directory serves anywhere the VLM does ------------------------------------------
+
+def loaded_by_serving_engines(path):
+    """The tensors a model loader takes from a model directory, under the two file rules serving
+    engines use: every *.safetensors file at the top of the directory (vLLM's and SGLang's rule
+    where there is no shard index), and the files a model.safetensors.index.json names (the rule
+    where there is one). {rule: {tensor name: shape}}; a name found twice fails."""
+    from safetensors import safe_open
+    top = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    index = os.path.join(path, "model.safetensors.index.json")
+    rules = {"every file": top}
+    if os.path.exists(index):
+        rules["the index"] = sorted(set(json.load(open(index))["weight_map"].values()))
+    out = {}
+    for rule, files in rules.items():
+        out[rule] = {}
+        for file in files:
+            with safe_open(os.path.join(path, file), "pt") as f:
+                for key in f.keys():
+                    assert key not in out[rule], (rule, key)
+                    out[rule][key] = tuple(f.get_slice(key).get_shape())
+    return out
+
+
+def checkpoint_tensors(path):
+    """{tensor name: shape} of a save_pretrained directory, read as transformers reads it."""
+    return next(iter(loaded_by_serving_engines(path).values()))
+
+
+@pytest.mark.parametrize("program, extra", [
+    ("frism", ("--data", "DATA", "--steps", "2", "--max-new-tokens", "6")),
+    ("frism", ("--no-train",)),
+    ("frism", ("--no-train", "--rank", "3")),
+    ("frism", ("--no-train", "--band", "2", "5")),
+    ("frism", ("--data", "DATA", "--steps", "2", "--max-new-tokens", "6", "--rank", "4")),
+    ("frism sharded", ("--no-train",)),
+    ("baselines ta", ()),
+    ("baselines ties", ()),
+    ("baselines sharded tsv", ()),
+], ids=["trained", "no-train", "no-train rank", "no-train band", "trained rank",
+        "sharded frism", "ta", "ties", "sharded tsv"])
+def test_a_written_model_serves_under_both_file_rules(trio, tmp_path, monkeypatch, program,
+                                                      extra):
+    """Whatever frism.py and baselines.py write, a loader that reads every *.safetensors file of
+    the directory and one that follows its shard index both get exactly the VLM's tensors; the
+    gates sit beside them, in a subdirectory no loader reads."""
+    import baselines
+    from transformers import PreTrainedModel
+    if "sharded" in program:  # transformers shards a large model and writes an index
+        save = PreTrainedModel.save_pretrained
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                            lambda self, path, **k: save(self, path, max_shard_size="300KB", **k))
+    out = tmp_path / "out"
+    argv = [a.replace("DATA", trio["data"]) for a in extra]
+    if program.startswith("frism"):
+        done = cli(trio, out, *argv)
+    else:
+        done = run_main(baselines.main, [program.split()[-1], "--vlm", trio["vlm"], "--lrm",
+                                         trio["lrm"], "--base", trio["base"], "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    rules = loaded_by_serving_engines(out)
+    assert ("the index" in rules) == ("sharded" in program)
+    for rule, tensors in rules.items():
+        assert tensors == checkpoint_tensors(trio["vlm"]), rule
+    if program.startswith("frism"):
+        assert sorted(os.listdir(out / frism.GATES_DIR)) == ["parameters.safetensors",
+                                                             "values.safetensors"]
+        assert f"`{frism.GATE_VALUES}`" in (out / "README.md").read_text()
+
+
+def test_the_scan_writes_no_tensor_at_all(trio, tmp_path):
+    done = cli(trio, tmp_path / "scan", "--data", trio["data"], "--max-new-tokens", "4",
+               "--scan", "0.5", "1")
+    assert done.returncode == 0, done.stderr
+    assert [f for d, _, fs in os.walk(tmp_path / "scan") for f in fs
+            if f.endswith(".safetensors")] == []
+
+
+# ---- every input file is read at the boundary: a fault is one sentence, before any weight ----
+
+def undecodable(path, good):
+    """A .jsonl whose second line holds a byte that is not UTF-8 ("caf\\xe9")."""
+    path.write_bytes(good + b'\n{"question": "caf\xe9"}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("flag", ["--data", "--text-data"])
+def test_a_jsonl_that_is_not_utf8_is_one_sentence_naming_flag_file_and_line(trio, tmp_path,
+                                                                             monkeypatch, flag):
+    monkeypatch.setattr(frism, "load_vlm", lambda *a, **k: pytest.fail("the VLM was loaded"))
+    root = os.path.dirname(trio["data"])
+    good = open(trio["data"], "rb").read().splitlines()[0]
+    path = undecodable(tmp_path / "bad.jsonl", good.replace(b'"images/', b'"' + root.encode() +
+                                                             b'/images/'))
+    data = path if flag == "--data" else trio["data"]
+    text = ("--objective", "dual", "--text-data", path) if flag == "--text-data" else ()
+    done = cli(trio, tmp_path / "out", "--data", data, *text)
+    assert_refused(done, tmp_path / "out", f"{flag} {path!r} line 2 is not UTF-8 text")
+
+
+def test_a_malformed_line_in_a_data_directory_names_the_file_and_the_line(trio, tmp_path,
+                                                                           monkeypatch):
+    """A local data directory (a documented input) read by datasets: its train.jsonl's third line
+    is cut off. Read before any weight loads; the fault is one sentence with the file and line."""
+    monkeypatch.setattr(frism, "load_vlm", lambda *a, **k: pytest.fail("the VLM was loaded"))
+    data = tmp_path / "prompts"
+    data.mkdir()
+    lines = [json.dumps({"question": f"What is {n} + {n}?"}) for n in range(5)]
+    lines[2] = lines[2][:12]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    done = cli(trio, tmp_path / "out", "--data", trio["data"], "--objective", "dual",
+               "--text-data", str(data))
+    assert_refused(done, tmp_path / "out", f"{str(data / 'train.jsonl')!r} line 3 is not JSON")
+
+
+def test_the_jsonl_readers_honour_their_column_flags(trio, tmp_path):
+    """--text-column reads another field of a --text-data .jsonl; --image-column and
+    --question-column another of a --data .jsonl."""
+    prompts = tmp_path / "problems.jsonl"
+    prompts.write_text("".join(json.dumps({"question": "", "problem": f"{n} + {n}"}) + "\n"
+                               for n in range(3)))
+    args = dual_settings(trio, str(prompts), "--text-column", "problem")
+    assert frism.load_text_prompts(args) == ["0 + 0", "1 + 1", "2 + 2"]
+    root = os.path.dirname(os.path.abspath(trio["data"]))
+    items = [json.loads(line) for line in open(trio["data"])]
+    renamed = tmp_path / "calib.jsonl"
+    renamed.write_text("".join(json.dumps({"picture": os.path.join(root, item["image"]),
+                                           "prompt": f"Which digit? ({n})"}) + "\n"
+                               for n, item in enumerate(items)))
+    args = settings(trio, "unused", "--data", str(renamed), "--image-column", "picture",
+                    "--question-column", "prompt")
+    samples = frism.load_calibration(args)
+    assert [q for _, q in samples] == [f"Which digit? ({n})" for n in range(len(items))]
+    args = settings(trio, "unused", "--data", str(renamed))  # the defaults read image, question
+    with pytest.raises(frism.InputError, match="line 1 has no 'image' or no 'question'"):
+        frism.load_calibration(args)
+
+
+@pytest.mark.parametrize("flag, value, data", [
+    ("--data-split", "train", "--data"), ("--text-split", "test", "--text-data"),
+    ("--text-config", "main", "--text-data")])
+def test_a_split_or_config_flag_with_a_jsonl_is_refused(trio, tmp_path, text_prompts, flag,
+                                                         value, data):
+    done = cli(trio, tmp_path / "out", "--data", trio["data"], "--objective", "dual",
+               "--text-data", text_prompts, flag, value)
+    assert_refused(done, tmp_path / "out", f"{flag} has no effect with a .jsonl {data}")
+
+
+# ---- the text stream: its own answer length, its distributions kept small ---------------------
+
+def test_the_lrm_answers_up_to_text_max_new_tokens_not_the_teachers_limit(trio, text_prompts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args = dual_settings(trio, text_prompts, "--max-new-tokens", "2", "--text-max-new-tokens", "7")
+    lrm = AutoModelForCausalLM.from_pretrained(trio["lrm"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trio["lrm"])
+    stream = frism.lrm_answers(lrm, tokenizer, frism.load_text_prompts(args), set(), args)
+    assert max(len(item.ids) for item in stream.items) > 2  # the teacher's 2 do not bound it
+    assert all(len(item.ids) <= 7 for item in stream.items)
+    assert stream.cut == sum(len(item.ids) == 7 for item in stream.items)
+
+
+def test_the_text_streams_kl_is_the_kl_of_the_distributions_coarsened_to_the_top_k():
+    """With one token left outside the top k it is the full KL; with fewer kept it is never
+    above it; and it is zero where the merged model is the LRM."""
+    torch.manual_seed(0)
+    p, q = torch.randn(6, 12).log_softmax(-1), torch.randn(6, 12).log_softmax(-1)
+    full = (p.exp() * (p - q)).sum(-1).mean()
+    torch.testing.assert_close(frism.text_kl(q, frism.top(p, 11)), full)
+    for k in (1, 3, 6):
+        assert frism.text_kl(q, frism.top(p, k)) <= full + 1e-6
+        assert abs(frism.text_kl(p, frism.top(p, k))) < 1e-6
+    q.requires_grad_(True)
+    frism.text_kl(q, frism.top(p, 3)).backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+def test_the_dry_run_plans_the_text_streams_own_answer_length(paper_pairs, capsys):
+    import re
+    pair = paper_pairs["7b"]
+    plans = {}
+    for length in ("256", "1024"):
+        frism.main(["--vlm", pair["vlm"], "--lrm", pair["lrm"], "--base", pair["base"], "--dry-run",
+                    "--dtype", "bfloat16",
+                    "--device-memory", "80", "--objective", "dual", "--text-max-new-tokens",
+                    length])
+        plans[length] = capsys.readouterr().out
+    assert "up to 1024 tokens each" in plans["1024"] and "up to 256 tokens" in plans["256"]
+
+    def gib(text, item):
+        return float(re.search(rf"{item}\s+([\d.]+) GiB", text).group(1))
+    for item in ("text stream activations \\(est.\\)", "KV cache, activations \\(est.\\)"):
+        assert gib(plans["1024"], item) > gib(plans["256"], item)
+    assert "host memory for the LRM's top-64 log-probs" in plans["1024"]
