@@ -189,15 +189,16 @@ def test_every_figure_of_the_readmes_miniature_table_is_in_the_committed_summary
             report.difference(vs["vl_reasoning"]), report.difference(vs["perception"])], name
 
 
-CLAIM = re.compile(r"<!-- (claim|target|check): (.+?) -->")
+CLAIM = re.compile(r"<!-- (claim|target|check|figure): (.+?) -->")
 
 
 def claims(page):
-    """Every marked statement of a page: (kind, arguments, the sentence before the marker)."""
+    """Every marked statement of a page: (kind, arguments, the text before the marker, back to the
+    previous marker or the paragraph's start)."""
     text = open(os.path.join(HERE, page)).read()
     out, last = [], 0
     for m in CLAIM.finditer(text):
-        start = max(text.rfind(". ", 0, m.start() - 2), text.rfind("\n\n", 0, m.start()), last)
+        start = max(text.rfind("\n\n", 0, m.start()), last)
         out.append((m.group(1), [a.strip() for a in m.group(2).split(";")],
                     " ".join(text[start:m.start()].split())))
         last = m.end()
@@ -210,8 +211,8 @@ def test_every_comparison_the_docs_state_is_what_the_committed_summary_says(page
     B; axis -->): it must hold their paired difference with its 95 % interval and the word the
     interval allows (above, below, level, undecided), computed from the committed summary. A
     target (<!-- target: row -->) must say met, not met or undecided as its intervals do; the world
-    check (<!-- check -->) how many reported worlds pass it. A claim the data do not support
-    fails here."""
+    check (<!-- check -->) how many reported worlds pass it; a quoted figure (<!-- figure: power,
+    scan, pooled or rule -->) what the summary holds. A claim the data do not support fails here."""
     from miniature import report
     summary = committed()
     marked = claims(page)
@@ -222,6 +223,8 @@ def test_every_comparison_the_docs_state_is_what_the_committed_summary_says(page
             expected = report.claim(summary, a, b, axis)
         elif kind == "target":
             expected = report.target_words(summary, args[0])
+        elif kind == "figure":
+            expected = report.figure_words(summary, args[0])
         else:
             expected = report.check_words(summary)
         assert expected in sentence, (page, args, expected, sentence)

@@ -1021,12 +1021,12 @@ def test_bench_memory_and_speed_on_a_qwen25_05b_shaped_trio(tmp_path):
         with torch.no_grad(), frism.deltas_off(gated):
             return frism.answer_logp(model, batch, mask)
 
-    # the text stream of --objective dual: two text prompts with 8-token answers, the LRM's
+    # the text stream of --objective dual: two text prompts with 8-token answers, the LRM's top-64
     # log-probs kept (as the run keeps them: the LRM is gone when training starts)
     text_items = [frism.Answer(None, "What is 17 times 23? Think step by step.",
                                list(range(200, 208))) for _ in range(2)]
     vocab = model.get_output_embeddings().weight.shape[0]
-    text_lrm = torch.randn(16, vocab).log_softmax(-1)
+    text_lrm = frism.top(torch.randn(16, vocab).log_softmax(-1), frism.TEXT_TOP_K)
     args.beta = 1.0
 
     def read_text():

@@ -135,12 +135,15 @@ def run(args):
 
 
 def item_meta(data):
-    """Each benchmark item's digit and depth, in the order eval.py scores them."""
+    """Each benchmark item's digit and depth, in the order eval.py scores them, and how many
+    distinct problems (digit and chain) the VL-reasoning benchmark asks."""
     out = {}
     for name in ("perception", "vl_reasoning", "text_reasoning", "marker_reasoning"):
         with open(data[name]) as f:
             items = [json.loads(line) for line in f if line.strip()]
         out[name] = {key: [item.get(key) for item in items] for key in ("digit", "depth")}
+        if name == "vl_reasoning":
+            out[name]["problems"] = len({(item["digit"], item["reference"]) for item in items})
     return out
 
 

@@ -33,7 +33,8 @@ def print_world_checks(summary):
         lrm = "; ".join(f"{form.split('_')[0]} " + " / ".join(f"{v:.0f}" for v in depth.values())
                         for form, depth in check["lrm_by_depth"].items())
         ta, failing = check["ta_graded"], [k for k, v in check["holds"].items() if not v]
-        print(f"  seed {s['seed']}: LRM by depth {lrm}; VLM {check['vlm_perception']:.1f}; ideal "
+        print(f"  seed {s['seed']}: {s['meta']['vl_reasoning'].get('problems')} distinct VL "
+              f"problems; LRM by depth {lrm}; VLM {check['vlm_perception']:.1f}; ideal "
               f"composition {s['world_check']['ideal']['perception']:.1f} / "
               f"{s['world_check']['ideal']['vl_reasoning']:.1f}; "
               f"{'FAILS: ' + ', '.join(failing) if failing else 'passes'}")
@@ -193,3 +194,24 @@ def target_words(summary, row):
 def check_words(summary):
     """How many reported worlds pass the world check: "5 of 5 worlds pass"."""
     return f"{summary['findings']['world_check_passes']} of {summary['seeds']} worlds pass"
+
+
+def figure_words(summary, name):
+    """A figure the docs quote, as the summary has it (<!-- figure: NAME -->): "power", the
+    smallest paired difference detected at 80 % power; "scan", the scan's rank correlation with
+    Task Arithmetic's perception per world beside lambda's; "pooled", the same pooled over worlds;
+    "rule", the chance that a random lam lies in the lambda rule's range in every world."""
+    found = summary["findings"]
+    if name == "power":
+        return f"a paired difference of {found['power']['detectable_at_80']:.1f} points"
+    if name == "scan":
+        per_seed = found["scan"]["per_seed"]
+        if all(f"{x['scan']:.2f}" == f"{x['lambda']:.2f}" for x in per_seed):
+            return ", ".join(f"{x['scan']:.2f}" for x in per_seed) + " for both"
+        return ", ".join(f"{x['scan']:.2f} / {x['lambda']:.2f}" for x in per_seed)
+    if name == "pooled":
+        pooled = found["scan"]["pooled"]
+        return f"{pooled['scan']:.2f} against lambda's {pooled['lambda']:.2f}"
+    if name == "rule":
+        return f"probability {found['lambda_rule']['chance_all_in_range']:.2f}"
+    raise ValueError(name)
