@@ -189,7 +189,7 @@ def test_every_figure_of_the_readmes_miniature_table_is_in_the_committed_summary
             report.difference(vs["vl_reasoning"]), report.difference(vs["perception"])], name
 
 
-CLAIM = re.compile(r"<!-- (claim|target|check|figure): (.+?) -->")
+CLAIM = re.compile(r"<!-- (claim|target|check|figure)(?:: (.+?))? -->")
 
 
 def claims(page):
@@ -199,7 +199,7 @@ def claims(page):
     out, last = [], 0
     for m in CLAIM.finditer(text):
         start = max(text.rfind("\n\n", 0, m.start()), last)
-        out.append((m.group(1), [a.strip() for a in m.group(2).split(";")],
+        out.append((m.group(1), [a.strip() for a in (m.group(2) or "").split(";")],
                     " ".join(text[start:m.start()].split())))
         last = m.end()
     return out
