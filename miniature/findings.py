@@ -44,12 +44,17 @@ def depths(seeds):
     return out
 
 
+def ta_grid(seed_summary):
+    """Task Arithmetic's rows over rows.LAMBDAS that one seed has: [(lambda, row name)]."""
+    return [(lam, f"TA {lam}") for lam in rows.LAMBDAS if f"TA {lam}" in seed_summary["rows"]]
+
+
 def logp_against_accuracy(seeds):
     """The continuous metric against exact match over Task Arithmetic's grid: the rank correlation
     of the chain's mean log-likelihood with VL-reasoning accuracy, per seed and pooled."""
     per_seed, xs, ys = [], [], []
     for s in seeds:
-        names = [f"TA {lam}" for lam in rows.LAMBDAS if f"TA {lam}" in s["rows"]]
+        names = [name for _, name in ta_grid(s)]
         if len(names) < 2:
             return None
         x = [s["rows"][n]["vl_reasoning_logp"] for n in names]
@@ -100,9 +105,8 @@ def world_check(seed_summary):
     lrm = {form: by_depth(seed_summary["world_items"]["LRM"][form], meta[form]["depth"])
            for form in ("text_reasoning", "marker_reasoning")}
     perception = check["VLM"]["perception"]
-    curve = [(lam, seed_summary["rows"][f"TA {lam}"]["perception"],
-              seed_summary["rows"][f"TA {lam}"]["vl_reasoning"]) for lam in rows.LAMBDAS
-             if f"TA {lam}" in seed_summary["rows"]]
+    curve = [(lam, seed_summary["rows"][name]["perception"],
+              seed_summary["rows"][name]["vl_reasoning"]) for lam, name in ta_grid(seed_summary)]
     ta = graded(curve) if len(curve) == len(rows.LAMBDAS) else None
     holds = {"lrm": all(v >= LRM_FLOOR for form in lrm.values() for v in form.values()),
              "perception": PERCEPTION_BAND[0] <= perception <= PERCEPTION_BAND[1],
@@ -183,12 +187,12 @@ def compare(seeds, a, b, axis, fraction=1.0):
         stats.paired(wa, wb, scale)
 
 
-def references(seeds):
-    """Every row against Task Arithmetic at its chosen lambda (both axes), the VLM (perception)
-    and, for a trained row, its untrained start (both axes)."""
+def references(seeds, names):
+    """Every row of `names` (the table's) against Task Arithmetic at its chosen lambda (both
+    axes), the VLM (perception) and, for a trained row, its untrained start (both axes)."""
     out = {}
     ta = "TA (chosen on the held-out split)"
-    for name in table(seeds):
+    for name in names:
         out[name] = {"vs_ta": {axis: compare(seeds, name, ta, axis) for axis in AXES},
                      "vs_vlm": {"perception": compare(seeds, name, "VLM", "perception")}}
         control = rows.controls().get(name)
@@ -230,7 +234,7 @@ def combined(*parts):
 def power(seeds):
     """N, the world x method interaction's standard deviation of VL reasoning measured on Task
     Arithmetic's grid, and the smallest paired difference the table detects at 80 % power."""
-    if len(seeds) < 2 or not all(f"TA {lam}" in s["rows"] for s in seeds for lam in rows.LAMBDAS):
+    if len(seeds) < 2 or not all(len(ta_grid(s)) == len(rows.LAMBDAS) for s in seeds):
         return None
     grid = {lam: [s["rows"][f"TA {lam}"]["vl_reasoning"] for s in seeds] for lam in rows.LAMBDAS}
     sigma = stats.interaction_sd(grid)
@@ -244,12 +248,12 @@ def scan_against_lambda(seeds):
     same perception): the scan adds information only where it ranks better than lambda."""
     per_seed, kls, lams, perceptions = [], [], [], []
     for s in seeds:
-        names = [f"TA {lam}" for lam in rows.LAMBDAS if f"TA {lam}" in s["scan_kl"] and
-                 f"TA {lam}" in s["rows"]]
-        if len(names) < 2:  # --only on a world whose Task Arithmetic rows were never made
+        grid = [(lam, name) for lam, name in ta_grid(s) if name in s["scan_kl"]]
+        if len(grid) < 2:  # --only on a world whose Task Arithmetic rows were never made
             return None
+        names = [name for _, name in grid]
         kl = [s["scan_kl"][n] for n in names]
-        lam = [float(n.split()[1]) for n in names]
+        lam = [lam for lam, _ in grid]
         perception = [s["rows"][n]["perception"] for n in names]
         per_seed.append({"scan": stats.spearman(kl, perception),
                          "lambda": stats.spearman(lam, perception)})
@@ -299,10 +303,10 @@ def lambda_rule(seeds):
 def summarize(seeds):
     """Everything the tables, the plots, the README and docs/miniature.md state, from the
     per-seed summaries (toy.one_seed)."""
-    checks = [world_check(s) for s in seeds]
+    checks, figures = [world_check(s) for s in seeds], table(seeds)
     return {"worlds": len(seeds), "world_checks": checks,
             "world_check_passes": sum(c["passes"] for c in checks),
-            "table": table(seeds), "references": references(seeds),
+            "table": figures, "references": references(seeds, figures),
             "chosen": {name: [choose_name(s) for s in seeds] for name, choose_name in
                        CHOSEN.items()},
             "targets": targets(seeds), "power": power(seeds),
