@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from test_toy import committed
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = ["frism.py", "baselines.py", "eval.py", "toy.py", "test_frism.py", "test_toy.py",
            "test_baselines.py", "conftest.py"] + [
@@ -161,11 +163,6 @@ def test_every_link_of_the_documentation_resolves(page):
         assert os.path.exists(path), f"{page}: {target}"
         if anchor:
             assert anchor in anchors(path), f"{page}: {target}"
-
-
-def committed():
-    with open(os.path.join(HERE, ".assets", "summary.json")) as f:
-        return json.load(f)
 
 
 def test_every_figure_of_the_readmes_miniature_table_is_in_the_committed_summary():
