@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import toy
 from test_toy import committed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,10 +53,10 @@ def apply(block, root):
 
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
-    """A smoke-sized miniature world, cached where `toy.py --only` looks for seed 0."""
+    """A smoke-sized miniature world, cached where `toy.py --only` looks for the default seed."""
     from miniature import cache
     root = tmp_path_factory.mktemp("toy")
-    cache.ensure_world(str(root / "seed-0"), 0, smoke=True)
+    cache.ensure_world(str(root / f"seed-{toy.FIRST_SEED}"), toy.FIRST_SEED, smoke=True)
     return root
 
 

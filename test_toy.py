@@ -1,7 +1,9 @@
 """The miniature (toy.py and miniature/): its world and skill, its benchmarks, every row of its
 table and what each must show, its statistics, its cache and progress bar, the second-order
 reading, and the committed findings. Worlds are smoke-sized here (a few steps of every stage)."""
+import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -10,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import frism
 import toy
@@ -17,6 +20,7 @@ from miniature import benchmarks, cache, findings, reading, rows, stats, world
 from test_frism import merged_model, signalled_when_marked
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SEED = toy.FIRST_SEED  # the seed `python toy.py` builds
 
 
 # ---- the world's skill: problems of three depths, worked chains, a held-out quarter ----------
@@ -29,8 +33,25 @@ def test_a_problems_chain_works_its_steps_and_states_the_answer():
                                "Third: 9 + 2 = 11. The answer is 11.")
     assert not world.Problem(3, (("+", 4), ("-", 4))).valid()  # its answer is the digit itself
     assert not world.Problem(2, (("-", 3),)).valid()  # below zero
-    assert world.Problem(6, (("+", 2),)).held_out and not world.Problem(6, (("+", 3),)).held_out
-    assert world.Problem(1, (("+", 1), ("-", 2))).held_out  # 1 + 1 + 2: digit and operands
+
+
+def test_a_quarter_of_the_problems_at_every_digit_and_depth_is_held_out_whatever_its_answer():
+    """held_out_problems: a quarter, rounded up, of the valid problems at each digit and depth;
+    and the held-out answers are not set apart from the trained ones: at every depth, chains of
+    additions alone (where a rule on the digit and operands' sum would bias them) end on every
+    residue modulo four, held out and trained alike."""
+    steps = [(op, k) for op in "+-" for k in world.OPERANDS]
+    for depth in world.DEPTHS:
+        residues = {True: set(), False: set()}
+        for digit in range(10):
+            valid = [p for p in (world.Problem(digit, ops)
+                                 for ops in itertools.product(steps, repeat=depth)) if p.valid()]
+            held = [p for p in valid if p.held_out]
+            assert len(held) == math.ceil(len(valid) / 4)
+            for p in valid:
+                if all(op == "+" for op, _ in p.ops):
+                    residues[p.held_out].add(p.answer % 4)
+        assert residues[True] == residues[False] == {0, 1, 2, 3}
 
 
 def test_the_lrm_never_trains_on_a_held_out_problem_and_every_benchmark_asks_only_them():
@@ -58,6 +79,7 @@ def test_the_benchmarks_are_balanced_held_out_and_record_depth_and_image_operand
         assert cells == sorted([(d, g) for d in world.DEPTHS for g in range(10)] * 2)
         for item in items[name]:
             assert item["answer"] != item["digit"]
+            assert ("reference" in item) == (name == "vl_reasoning")  # only where it is scored
             if "reference" in item:  # the chain's operations are the question's, held out
                 problem = world.Problem(item["digit"], chain_ops(item["reference"]))
                 assert problem.held_out and problem.answer == item["answer"]
@@ -87,7 +109,39 @@ def test_a_share_of_the_worlds_images_is_drawn_through_noise():
     for _ in range(400):
         corner = torch.tensor(np.asarray(world.draw_digit(3, rng).crop((0, 0, 3, 3))))
         clean += bool((corner == 255).all())  # the digit never reaches it: white, or noise
-    assert abs(clean / 400 - (1 - world.HARD)) < 0.08
+    noisy = 1 - (1 - world.UNREADABLE) * (1 - world.LIGHT)
+    assert abs(clean / 400 - (1 - noisy)) < 0.08
+
+
+def test_the_font_loaded_once_per_size_draws_the_images_a_font_loaded_per_image_draws(monkeypatch):
+    from PIL import ImageFont
+    once = [np.asarray(world.draw_digit(d % 10, random.Random(d))) for d in range(60)]
+    monkeypatch.setattr(world, "font_of", lambda size: ImageFont.load_default(size=size))
+    fresh = [np.asarray(world.draw_digit(d % 10, random.Random(d))) for d in range(60)]
+    assert all((a == b).all() for a, b in zip(once, fresh))
+
+
+def test_bases_and_the_lrms_training_blurs_only_the_digits_between_the_vision_markers(monkeypatch):
+    """read_fuzzy: "shown" marks exactly the four digits where a VLM has its visual tokens, and
+    the blur moves those embeddings only (a batch without them gives the model's own loss)."""
+    tok = world.make_tokenizer(world.world_corpus(50), vocab_size=1000)
+    rng = random.Random(0)
+    problem = world.Problem(6, (("+", 3),))
+    marked = world.text_batch(tok, [(world.prompt(world.marker_question(problem, rng)),
+                                     problem.chain())])
+    plain = world.text_batch(tok, [(world.prompt(world.text_question(problem)), problem.chain())])
+    assert tok.decode(marked["input_ids"][0][marked["shown"][0]]) == "6666"
+    assert not plain["shown"].any()
+    ids = world.special_ids(tok)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**dict(
+        world.TINY_TEXT, vocab_size=len(tok), pad_token_id=ids["<|endoftext|>"])))
+    own = {k: v for k, v in marked.items() if k != "shown"}
+    assert torch.equal(world.read_fuzzy(model, plain), model(**{
+        k: v for k, v in plain.items() if k != "shown"}).loss)
+    assert not torch.equal(world.read_fuzzy(model, marked), model(**own).loss)
+    monkeypatch.setattr(world, "FUZZ", 0.0)
+    assert torch.equal(world.read_fuzzy(model, marked), model(**own).loss)
 
 
 # ---- the statistics: intervals with known answers ---------------------------------------------
@@ -228,6 +282,11 @@ def test_toy_world_runs_end_to_end(tmp_path):
         assert len(seed["items"][name]["vl_reasoning"]) == len(seed["logp"][name]["vl_reasoning"])
         assert all(v <= 0 for v in seed["logp"][name]["vl_reasoning"])
     assert all("scan_kl" in seed["rows"][f"TA {lam}"] for lam in rows.LAMBDAS)
+    # the held-out split scores TA_CHOICES of the TA grid and every dual row, and chooses there
+    assert {n for n in seed["val"] if n.startswith("TA ")} == {f"TA {l}" for l in rows.TA_CHOICES}
+    assert {n for n in seed["val"] if not n.startswith("TA ")} == {n for n in names
+                                                                   if n.startswith("dual ")}
+    assert summary["findings"]["chosen"]["TA (chosen on the held-out split)"][0] in seed["val"]
     table = summary["findings"]["table"]
     assert set(names) | set(findings.CHOSEN) == set(table)
     assert all(f["low"] <= f["mean"] <= f["high"] for row in table.values() for f in row.values())
@@ -259,7 +318,7 @@ def test_toy_world_runs_end_to_end(tmp_path):
         assert summary["findings"]["chosen"][name][0] in names
 
     # --only: the named rows made anew, every other row kept from the last run
-    runs = tmp_path / "seed-0" / "runs"
+    runs = tmp_path / f"seed-{SEED}" / "runs"
     before = {p.name: p.stat().st_mtime_ns for p in runs.iterdir() if p.is_dir()}
     assert toy.main(["--dir", str(tmp_path), "--smoke", "--only", "entropy lam=1.0*",
                      "TSV (α grid)"]) == 0
@@ -276,7 +335,7 @@ def test_toy_world_runs_end_to_end(tmp_path):
         toy.main(["--dir", str(tmp_path), "--smoke", "--only", "no such method"])
     assert all(f"{line.label}: " in str(refused.value) for line in rows.MINIATURE)  # every name
 
-    assert toy.main(["--dir", str(tmp_path), "--smoke", "--seeds", "2"]) == 0  # seed 0 reused
+    assert toy.main(["--dir", str(tmp_path), "--smoke", "--seeds", "2"]) == 0  # the first reused
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == 2 and len(summary["per_seed"]) == 2
     assert all(f["over"] == "worlds" for f in summary["findings"]["table"]["TA 1.0"].values())
@@ -315,13 +374,13 @@ def test_every_trained_row_at_lam_1_or_2_has_its_untrained_start_as_control():
 @pytest.mark.toy
 def test_the_scans_kl_rises_where_task_arithmetics_perception_falls(tmp_path):
     """The lambda scan, validated where perception can be measured: over the miniature's Task
-    Arithmetic grid (seed 0), its label-free KL against TA's perception has a rank correlation
-    of -0.8 or below. Uses the world `python toy.py` cached, else builds one."""
+    Arithmetic grid (the default seed), its label-free KL against TA's perception has a rank
+    correlation of -0.8 or below. Uses the world `python toy.py` cached, else builds one."""
     import baselines
     from miniature import scoring
-    path = os.path.join(HERE, "toy_world", "seed-0", "world")
-    if cache.why_rebuild(path, cache.world_recipe(0, False)) is not None:  # not today's
-        cache.ensure_world(str(tmp_path), 0, smoke=False)
+    path = os.path.join(HERE, "toy_world", f"seed-{SEED}", "world")
+    if cache.why_rebuild(path, cache.world_recipe(SEED, False)) is not None:  # not today's
+        cache.ensure_world(str(tmp_path), SEED, smoke=False)
         path = str(tmp_path / "world")
     data = benchmarks.write_benchmarks(str(tmp_path / "benchmarks"), 100, seed=1)
     kl = reading.scan(path, data, str(tmp_path / "scan"))
@@ -341,15 +400,15 @@ def test_the_scans_kl_rises_where_task_arithmetics_perception_falls(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
-    """A finished smoke-sized world of seed 0, for the tests below to copy."""
-    root = tmp_path_factory.mktemp("cached") / "seed-0"
-    cache.ensure_world(str(root), 0, smoke=True)
+    """A finished smoke-sized world of the default seed, for the tests below to copy."""
+    root = tmp_path_factory.mktemp("cached") / f"seed-{SEED}"
+    cache.ensure_world(str(root), SEED, smoke=True)
     return root
 
 
 def copy_of(smoke_world, tmp_path):
     import shutil
-    shutil.copytree(smoke_world, tmp_path / "seed-0")
+    shutil.copytree(smoke_world, tmp_path / f"seed-{SEED}")
     return tmp_path
 
 
@@ -399,7 +458,7 @@ def test_a_world_stopped_while_it_trains_is_never_taken_for_a_world(tmp_path, ca
     (one line, with how long that takes, since --only runs on cached worlds)."""
     code, out, err = stopped(tmp_path, "world", sig, "--dir", str(tmp_path), "--smoke", "--only",
                              "TA 1.0")
-    root = tmp_path / "seed-0"
+    root = tmp_path / f"seed-{SEED}"
     assert not (root / "world").exists()
     left = [p.name for p in root.iterdir() if p.name.startswith("world.partial-")]
     if sig == signal.SIGINT:
@@ -411,7 +470,7 @@ def test_a_world_stopped_while_it_trains_is_never_taken_for_a_world(tmp_path, ca
     assert code == 0 and (root / "world" / "world.json").is_file()
     lines = out.splitlines()
     assert any(line.startswith("toy.py: --only runs on cached worlds, and none is cached for "
-                               "seed 0") and "about " in line for line in lines)
+                               f"seed {SEED}") and "about " in line for line in lines)
     assert any(line.startswith("toy.py: removed 1 world(s)") for line in lines) == (
         sig == signal.SIGKILL)
     assert [p.name for p in root.iterdir() if p.name.startswith("world.partial-")] == []
@@ -424,10 +483,10 @@ def test_a_row_killed_while_it_is_made_is_made_again_and_finished_rows_are_kept(
     code, _, _ = stopped(tmp_path, "row", signal.SIGKILL, "--dir", str(root), "--smoke",
                          "--only", "FRISM lam=1.0 alpha=0.1")
     assert code == -signal.SIGKILL
-    runs = root / "seed-0" / "runs"
+    runs = root / f"seed-{SEED}" / "runs"
     assert not (runs / "FRISM_lam-1.0_alpha-0.1.json").exists()  # no record: not finished
     args = toy.parse_args(["--dir", str(root), "--smoke"])
-    jobs, reused, _ = cache.plan(str(root / "seed-0"), 0, args, rebuilt=False)
+    jobs, reused, _ = cache.plan(str(root / f"seed-{SEED}"), SEED, args, rebuilt=False)
     assert "TA 1.0" in reused and "FRISM lam=1.0 alpha=0.1" in [job.name for job in jobs]
     assert run_toy(capsys, "--dir", str(root), "--smoke", "--only", "FRISM lam=1.0*")[0] == 0
     assert json.loads((runs / "FRISM_lam-1.0_alpha-0.1.json").read_text())["scores"]
@@ -440,7 +499,7 @@ def test_a_record_a_killed_run_left_half_written_is_removed_with_one_line(smoke_
     process's file is left alone."""
     import subprocess
     root = copy_of(smoke_world, tmp_path)
-    runs = root / "seed-0" / "runs"
+    runs = root / f"seed-{SEED}" / "runs"
     runs.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
@@ -458,7 +517,7 @@ def test_a_record_a_killed_run_left_half_written_is_removed_with_one_line(smoke_
 def test_a_cached_world_unreadable_older_or_made_by_other_code_is_rebuilt_with_one_line(
         smoke_world, tmp_path, capsys):
     root = copy_of(smoke_world, tmp_path)
-    path, recipe = root / "seed-0" / "world", cache.world_recipe(0, True)
+    path, recipe = root / f"seed-{SEED}" / "world", cache.world_recipe(SEED, True)
     record = json.loads((path / "world.json").read_text())
     assert cache.why_rebuild(str(path), recipe) is None
     for change, why in [
@@ -481,7 +540,7 @@ def test_a_cached_world_unreadable_older_or_made_by_other_code_is_rebuilt_with_o
     code, out, err = run_toy(capsys, "--dir", str(root), "--smoke", "--only", "VLM")
     assert code == 0 and cache.why_rebuild(str(path), recipe) is None
     built = [line for line in out.splitlines() if "building its world again" in line]
-    assert len(built) == 1 and built[0].startswith("toy.py: seed 0: building its world again "
+    assert len(built) == 1 and built[0].startswith(f"toy.py: seed {SEED}: building its world again "
                                                    "(about ")
     assert "toy.py, every stage" in err and "left" in err  # one bar over the run's stages
 
@@ -493,27 +552,27 @@ def test_a_build_time_is_said_in_seconds_under_a_minute():
 def test_a_cached_row_unreadable_or_made_by_other_code_is_made_again_with_one_line(
         smoke_world, tmp_path, capsys):
     root = copy_of(smoke_world, tmp_path)
-    assert run_toy(capsys, "--dir", str(root), "--smoke", "--only", "TA 1.0", "TIES")[0] == 0
-    seed, args = str(root / "seed-0"), toy.parse_args(["--dir", str(root), "--smoke"])
-    path = root / "seed-0" / "runs" / "TA_1.0.json"
+    assert run_toy(capsys, "--dir", str(root), "--smoke", "--only", "TA 1.0", "VLM")[0] == 0
+    seed, args = str(root / f"seed-{SEED}"), toy.parse_args(["--dir", str(root), "--smoke"])
+    path = root / f"seed-{SEED}" / "runs" / "TA_1.0.json"
     record = json.loads(path.read_text())
     path.write_text("{half a record")
-    jobs, reused, _ = cache.plan(seed, 0, args, rebuilt=False)
-    assert "TIES" in reused and "TA 1.0" in [job.name for job in jobs]
-    assert "toy.py: seed 0: making 1 cached stage(s) again, its record is unreadable: TA 1.0." \
-        in capsys.readouterr().out.splitlines()
+    jobs, reused, _ = cache.plan(seed, SEED, args, rebuilt=False)
+    assert "VLM" in reused and "TA 1.0" in [job.name for job in jobs]
+    assert f"toy.py: seed {SEED}: making 1 cached stage(s) again, its record is unreadable: " \
+        "TA 1.0." in capsys.readouterr().out.splitlines()
     record["key"]["code"]["frism.py"] = "0" * 16
     path.write_text(json.dumps(record))
-    jobs, reused, _ = cache.plan(seed, 0, args, rebuilt=False)
+    jobs, reused, _ = cache.plan(seed, SEED, args, rebuilt=False)
     assert "TA 1.0" in [job.name for job in jobs]
-    assert "toy.py: seed 0: making 1 cached stage(s) again, made by another version of frism.py: " \
-        "TA 1.0." in capsys.readouterr().out.splitlines()
+    assert f"toy.py: seed {SEED}: making 1 cached stage(s) again, made by another version of " \
+        "frism.py: TA 1.0." in capsys.readouterr().out.splitlines()
     # --only shows it beside the rows it makes, and says that today's code would make it otherwise
-    only = toy.parse_args(["--dir", str(root), "--smoke", "--only", "TIES"])
-    jobs, reused, _ = cache.plan(seed, 0, only, rebuilt=False)
-    assert [job.name for job in jobs] == ["TIES"] and "TA 1.0" in reused
-    assert "toy.py: seed 0: 1 cached stage(s) shown beside --only's rows were made by another " \
-        "version of frism.py; python toy.py makes them again." in capsys.readouterr().out
+    only = toy.parse_args(["--dir", str(root), "--smoke", "--only", "VLM"])
+    jobs, reused, _ = cache.plan(seed, SEED, only, rebuilt=False)
+    assert [job.name for job in jobs] == ["VLM"] and "TA 1.0" in reused
+    assert f"toy.py: seed {SEED}: 1 cached stage(s) shown beside --only's rows were made by " \
+        "another version of frism.py; python toy.py makes them again." in capsys.readouterr().out
 
 
 # ---- the second-order reading: its curvature estimate, checked against exact values ----------

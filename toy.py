@@ -42,6 +42,9 @@ from tqdm.auto import tqdm
 from miniature import benchmarks, cache, findings, plots, progress, reading, report, rows, world
 
 
+FIRST_SEED = 20  # the table's first world (seeds 20 and up were built after the recipe froze)
+
+
 def parse_args(argv=None):
     import frism
     p = argparse.ArgumentParser(description="Build the toy world (cached) and compare Task "
@@ -50,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--dir", default="toy_world", help="where the worlds, merges and plots go")
     p.add_argument("--seeds", type=int, default=1, help="build this many worlds (each cached), "
                    "seeds --first-seed and on, and report every figure over them")
-    p.add_argument("--first-seed", type=int, default=0, help="the first world's seed (the "
-                   "world's recipe was set on seeds 100 and up, which no reported table uses)")
+    p.add_argument("--first-seed", type=int, default=FIRST_SEED, help="the first world's seed "
+                   "(the world's recipe was set on seeds 100 and up, which no reported table uses)")
     p.add_argument("--rebuild", action="store_true", help="retrain the worlds even if cached")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps of everything: checks the pipeline, shows nothing")

@@ -11,7 +11,9 @@ from miniature import world
 # Each name a file of the benchmark directory: the two benchmarks every row is scored on, the
 # world check's two text-only ones (the LRM's skill in its own wording and in the marker form),
 # frism.py's label-free calibration set (questions and images, no answers) and text stream
-# (reasoning prompts in the LRM's wording, no answers), and the held-out split of both benchmarks.
+# (reasoning prompts in the LRM's wording, no answers), and the held-out split of both benchmarks
+# (its items carry no reference chain: a setting is chosen on exact match alone, and eval.py
+# reads no log-likelihood where there is no reference).
 FILES = ("perception", "vl_reasoning", "text_reasoning", "marker_reasoning", "calib",
          "text_prompts", "val_perception", "val_vl_reasoning")
 CALIBRATION = 32  # calibration questions (FRISM's VizWiz, in miniature)
@@ -43,11 +45,10 @@ def write_benchmarks(root, n, seed):
         return {"image": image(name, d), "kind": "perception", "digit": d,
                 "question": world.perception_question(rng), "answer": d}
 
-    def vl_reasoning(name, problem):
+    def vl_reasoning(name, problem, scored):
         return {"image": image(name, problem.digit), "kind": "reasoning", "digit": problem.digit,
                 "depth": problem.depth, "question": world.vl_reasoning_question(problem, rng),
-                "answer": problem.answer,
-                "reference": problem.chain()}
+                "answer": problem.answer, **({"reference": problem.chain()} if scored else {})}
 
     def problems(count, held_out=True):
         return [world.draw_problem(rng, d, depth, held_out)
@@ -57,7 +58,7 @@ def write_benchmarks(root, n, seed):
     for split, prefix in (("", ""), ("val_", "v")):
         files[f"{split}perception"] = [perception(f"{prefix}p{i}.png", d) for i, (d,) in
                                        enumerate(balanced(n, rng, range(10)))]
-        files[f"{split}vl_reasoning"] = [vl_reasoning(f"{prefix}r{i}.png", p)
+        files[f"{split}vl_reasoning"] = [vl_reasoning(f"{prefix}r{i}.png", p, not split)
                                          for i, p in enumerate(problems(n))]
     for name, wording in (("text_reasoning", world.text_question),
                           ("marker_reasoning", world.marker_question)):

@@ -208,10 +208,11 @@ def stages_of(path, runs, data, seed, smoke):
                            lambda: {"kl": reading.scan(path, data, os.path.join(runs, "scan"))})}
     for name, (line, value) in rows.selected(None, True).items():
         program, argv = line.make(value, inputs) if line.make else (None, None)
-        out[name] = (progress.row_weight(program, argv, line.validate,
-                                                benchmarks.TEXT_PROMPTS), argv, functools.partial(
-            make_row, name, program, argv, os.path.join(runs, rows.row_dir(name)), path, data,
-            smoke, line.validate))
+        validate = value in line.validate
+        out[name] = (progress.row_weight(program, argv, validate, benchmarks.TEXT_PROMPTS), argv,
+                     functools.partial(make_row, name, program, argv,
+                                       os.path.join(runs, rows.row_dir(name)), path, data, smoke,
+                                       validate))
     out[reading.STAGE] = (progress.ESTIMATES["reading"], list(reading.READ_ROWS),
                           lambda: reading.second_order_reading(path, data, runs, seed, smoke))
     return out

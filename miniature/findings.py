@@ -128,7 +128,9 @@ def choose(seed_summary, names):
 
 
 def ta_choice(seed_summary):
-    """Task Arithmetic's lambda chosen on the held-out split: the label-free bar of the table."""
+    """Task Arithmetic's lambda chosen on the held-out split among the grid points scored there
+    (rows.TA_CHOICES; all fifteen in summaries made before the fourth recipe): the label-free bar
+    of the table."""
     return choose(seed_summary, [f"TA {lam}" for lam in rows.LAMBDAS])
 
 

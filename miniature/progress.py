@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 # the world check, the scan, a training-free merge, a training run's fixed cost and its steps (a
 # second stream, the oracle's or the text stream's, costs STREAMS times a step), the LRM's answer
 # tokens on the text stream, one benchmark pass of a row, the second-order reading.
-ESTIMATES = {"base": 0.054, "lrm": 0.13, "vision": 0.032, "vlm": 0.097, "world saved": 4.0,
-             "world check": 5.6, "lambda scan": 1.1, "merge": 0.1, "training": 1.5,
+ESTIMATES = {"base": 0.058, "lrm": 0.093, "vision": 0.033, "vlm": 0.1, "world saved": 4.0,
+             "world check": 7.0, "lambda scan": 1.1, "merge": 0.1, "training": 1.5,
              "training step": 0.03, "lrm answer token": 0.002, "score": 2.2, "reading": 40.0}
 STREAMS = 2.5
 

@@ -8,14 +8,17 @@ then one numbered step an application ("The number is 6. Step one: 6 + 3 = 9. St
 12. The answer is 12."). BASE knows the single facts ("What is 9 plus three?" -> "9 + 3 = 12."), as
 a pre-trained LLM knows arithmetic; the LRM learns to chain them, on problems of every depth; the
 VLM learns to read the digit from an image. A VL-reasoning item shows the digit and asks the
-rest, so answering it takes both. A third of all problems are held out (`Problem.held_out`): the
+rest, so answering it takes both. A quarter of all problems are held out (`Problem.held_out`): the
 LRM never trains on them, and every benchmark asks only them.
 """
+import functools
+import itertools
 import json
 import math
 import os
 import random
 import time
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -87,26 +90,41 @@ def special_ids(tok):
 
 def draw_digit(digit, rng, size=56, hard=True):
     """One digit on a 56 x 56 canvas (16 patches, 4 visual tokens): SMALLEST-42 px, in one of 4
-    colours, jittered by up to 4 px. hard=True (the world, ours): a share HARD of the images is
-    drawn through Gaussian noise of a strength drawn between NOISE / 3 and NOISE, from readable to
-    barely readable, so that the VLM's perception has headroom and a merge's cost on it shows; the
-    tiny trio draws none."""
+    colours, jittered by up to 4 px. hard=True (the world, ours): a share UNREADABLE of the images
+    is drawn through noise no one reads through, and of the rest a share LIGHT through light noise;
+    the others are clean. The VLM's perception then has headroom set by the images, not by how far
+    its tower happened to train (digits merely hard to read made it differ by world); the tiny
+    trio draws none."""
     img = Image.new("RGB", (size, size), "white")
-    font = ImageFont.load_default(size=rng.randint(SMALLEST if hard else 34, 42))
+    font = font_of(rng.randint(SMALLEST if hard else 34, 42))
     ImageDraw.Draw(img).text((size // 2 + rng.randint(-4, 4), size // 2 + rng.randint(-4, 4)),
                              str(digit), fill=rng.choice(COLOURS), font=font, anchor="mm")
-    if not hard or rng.random() >= HARD:
+    if not hard:
         return img
-    sigma = rng.uniform(NOISE / 3, NOISE)
+    if rng.random() < UNREADABLE:
+        sigma = BLIND
+    elif rng.random() < LIGHT:
+        sigma = rng.uniform(0, LIGHT_NOISE)
+    else:
+        return img
     noise = np.random.default_rng(rng.getrandbits(32)).standard_normal((size, size, 1))
     pixels = np.asarray(img, dtype=np.float32) + sigma * noise
     return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "RGB")
 
 
+@functools.lru_cache(maxsize=None)
+def font_of(size):
+    """PIL's own font at a size, loaded once: the same glyphs, without reading it again for every
+    image (about a twentieth of the vision stage's time)."""
+    return ImageFont.load_default(size=size)
+
+
 COLOURS = ["red", "green", "blue", "black"]
-SMALLEST = 34  # the smallest digit, in pixels (ours, as the two below: set on development seeds)
-HARD = 0.35  # the share of images drawn through noise
-NOISE = 160.0  # the strongest noise, in grey levels
+SMALLEST = 34  # the smallest digit, in pixels (ours, as the four below: set on development seeds)
+UNREADABLE = 0.12  # the share of images drawn through noise no one reads through
+BLIND = 480.0  # that noise, in grey levels
+LIGHT = 0.3  # of the other images, the share drawn through light noise
+LIGHT_NOISE = 160.0 / 3  # its strongest, in grey levels
 
 
 # ---- the skill: problems, their wording and their worked chains --------------------------------
@@ -155,15 +173,28 @@ class Problem(NamedTuple):
 
     @property
     def held_out(self):
-        """Ours: a quarter of all problems, those whose digit and operands sum to a multiple of
-        four, never appear in the LRM's training text; every benchmark item is one of them (at
-        every digit and depth some are)."""
-        return (self.digit + sum(k for _, k in self.ops)) % 4 == 0
+        """Ours: never in the LRM's training text, and every benchmark item is one of them (see
+        held_out_problems)."""
+        return self in held_out_problems(self.digit, self.depth)
 
     def valid(self):
         """Every value within 0-TOP, and an answer that is not the digit itself (which reading
         alone would give)."""
         return all(0 <= v <= TOP for v in self.values()) and self.answer != self.digit
+
+
+@functools.cache
+def held_out_problems(digit, depth):
+    """Ours: a quarter (rounded up) of the valid problems at each digit and depth, those first in
+    the order of a checksum of the problem, so that every digit and depth has some and they are
+    drawn apart from any arithmetic. The first rule held out the problems whose digit and
+    operands sum to a multiple of four: every chain of additions it held out then ended on a
+    multiple of four, an answer no such chain had in training, and the LRM's failures gathered
+    there."""
+    every = itertools.product([(op, k) for op in APPLY for k in OPERANDS], repeat=depth)
+    valid = sorted((p for p in (Problem(digit, ops) for ops in every) if p.valid()),
+                   key=lambda p: zlib.crc32(repr(p).encode()))
+    return frozenset(valid[:math.ceil(len(valid) / 4)])
 
 
 def draw_problem(rng, digit, depth, held_out):
@@ -271,8 +302,8 @@ WORLD_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
 # Steps, batch sizes and learning rates of each stage, and the weight of the vision stage's pull
 # of each visual token towards its digit's embedding (align); --smoke shrinks steps and batches.
 STAGES = {"base": dict(steps=600, batch=32, lr=2e-3),
-          "lrm": dict(steps=1200, batch=28, lr=2e-3),
-          "vision": dict(steps=1000, batch=32, lr=3e-3, temp=0.05),
+          "lrm": dict(steps=1800, batch=18, replay=4, lr=2e-3),
+          "vision": dict(steps=2000, batch=32, lr=3e-3, temp=0.05),
           "vlm": dict(steps=100, batch=32, lr=1e-5)}
 SMOKE = dict(steps=3, batch=4)
 
@@ -289,7 +320,8 @@ def merged_weights(model):
 
 
 def text_batch(tok, examples):
-    """Right-padded ids; the loss falls on the answer and its end-of-turn token only."""
+    """Right-padded ids; the loss falls on the answer and its end-of-turn token only. "shown"
+    marks the digits written between the vision markers, where a VLM has its visual tokens."""
     rows = [(tok(p + a + "<|im_end|>").input_ids, len(tok(a + "<|im_end|>").input_ids))
             for p, a in examples]
     length = max(len(ids) for ids, _ in rows)
@@ -298,8 +330,28 @@ def text_batch(tok, examples):
     for i, (row, n) in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
         labels[i, len(row) - n:len(row)] = ids[i, len(row) - n:len(row)]
+    start = ids == tok.convert_tokens_to_ids("<|vision_start|>")
+    inside = start.cumsum(1) > (ids == tok.convert_tokens_to_ids("<|vision_end|>")).cumsum(1)
     return {"input_ids": ids, "attention_mask": (labels != -100) | (ids != tok.pad_token_id),
-            "labels": labels}
+            "labels": labels, "shown": inside & ~start}
+
+
+def read_fuzzy(model, batch):
+    """The model's loss with each shown digit's embedding blurred as a visual token is (ours): a
+    vision tower puts its tokens near the digit's embedding, never on it (about 0.45 of its norm
+    away, measured in two worlds), so BASE and the LRM learn to read a digit from anywhere near
+    its embedding, not from the exact point; without it, how well the LRM read the VLM's tokens,
+    and so every merge, hung on the order of float sums. Each shown token moves in a random
+    direction by FUZZ x its norm x a share drawn in [0, 1)."""
+    batch = dict(batch)
+    shown, ids = batch.pop("shown"), batch.pop("input_ids")
+    embeds = model.get_input_embeddings()(ids)
+    size = embeds.detach().norm(dim=-1, keepdim=True) * FUZZ * torch.rand_like(embeds[..., :1])
+    direction = F.normalize(torch.randn_like(embeds), dim=-1)
+    return model(inputs_embeds=embeds + shown[..., None] * size * direction, **batch).loss
+
+
+FUZZ = 0.8  # ours: beyond the distance measured, checked on development seeds
 
 
 def image_batch(processor, rng, size):
@@ -392,7 +444,8 @@ def build_world(root, smoke=False, seed=0, tick=lambda stage: None):
     base = Qwen2ForCausalLM(Qwen2Config(**text))
     fit(base, base.parameters(), lambda: text_batch(tok, [
         base_example(rng) for _ in range(recipe["base"]["batch"])]),
-        recipe["base"], "BASE: chat format, copying, arithmetic", tick=lambda: tick("base"))
+        recipe["base"], "BASE: chat format, copying, arithmetic", read_fuzzy,
+        tick=lambda: tick("base"))
 
     lrm = Qwen2ForCausalLM(base.config)
     lrm.load_state_dict(base.state_dict())
@@ -401,8 +454,8 @@ def build_world(root, smoke=False, seed=0, tick=lambda stage: None):
         p.requires_grad_(True)
     fit(lrm, merged_weights(lrm), lambda: text_batch(tok, [
         lrm_example(rng) for _ in range(recipe["lrm"]["batch"])] + [
-        base_example(rng) for _ in range(6)]),  # replay keeps BASE's skills
-        recipe["lrm"], "LRM: worked chains", tick=lambda: tick("lrm"))
+        base_example(rng) for _ in range(recipe["lrm"]["replay"])]),  # replay keeps BASE's skills
+        recipe["lrm"], "LRM: worked chains", read_fuzzy, tick=lambda: tick("lrm"))
 
     vlm = vlm_from_base(base, text, WORLD_VISION, [4, 6, 6], ids)
     digits = vlm.model.language_model.embed_tokens.weight[
