@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from miniature import benchmarks, cache, findings, plots, progress, reading, report, rows, world
 
 
-FIRST_SEED = 20  # the table's first world (seeds 20 and up were built after the recipe froze)
+FIRST_SEED = 20  # the first fresh world of today's recipe (20-29 were built after it froze)
 
 
 def parse_args(argv=None):

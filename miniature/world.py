@@ -2,11 +2,11 @@
 trained from scratch on the CPU (BASE, the LRM, the VLM), and the tiny trio the tests use, built of
 the same parts. It uses frism.py only to know which weights are merged.
 
-The skill. A problem is a digit, an operation with its operand in words, and how often to apply
-it, one to three times (its depth): "Add three to it twice." Its worked chain states the digit,
-then one numbered step an application ("The number is 6. Step one: 6 + 3 = 9. Step two: 9 + 3 =
-12. The answer is 12."). BASE knows the single facts ("What is 9 plus three?" -> "9 + 3 = 12."), as
-a pre-trained LLM knows arithmetic; the LRM learns to chain them, on problems of every depth; the
+The skill. A problem is a digit and one to three operations (its depth), each under its ordinal,
+its operand in words: "First add seven. Second subtract four." Its worked chain states the digit,
+then one numbered step an operation ("The number is 6. First: 6 + 7 = 13. Second: 13 - 4 = 9. The
+answer is 9."). BASE knows the single facts ("What is 13 minus four?" -> "13 - 4 = 9."), as a
+pre-trained LLM knows arithmetic; the LRM learns to chain them, on problems of every depth; the
 VLM learns to read the digit from an image. A VL-reasoning item shows the digit and asks the
 rest, so answering it takes both. A quarter of all problems are held out (`Problem.held_out`): the
 LRM never trains on them, and every benchmark asks only them.
@@ -299,8 +299,9 @@ WORLD_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
 WORLD_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                     fullatt_block_indexes=[1])
-# Steps, batch sizes and learning rates of each stage, and the weight of the vision stage's pull
-# of each visual token towards its digit's embedding (align); --smoke shrinks steps and batches.
+# Steps, batch sizes and learning rates of each stage, BASE's examples replayed in each LRM step
+# (replay), and the temperature at which the vision stage classifies each visual token among the
+# digits' embeddings (temp); --smoke shrinks steps and batches.
 STAGES = {"base": dict(steps=600, batch=32, lr=2e-3),
           "lrm": dict(steps=1800, batch=18, replay=4, lr=2e-3),
           "vision": dict(steps=2000, batch=32, lr=3e-3, temp=0.05),
