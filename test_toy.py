@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 
@@ -31,6 +32,11 @@ def test_a_problems_chain_works_its_steps_and_states_the_answer():
     assert problem.instruction() == "First add seven. Second subtract four. Third add two."
     assert problem.chain() == ("The number is 6. First: 6 + 7 = 13. Second: 13 - 4 = 9. "
                                "Third: 9 + 2 = 11. The answer is 11.")
+    shorter = world.Problem(6, (("+", 7), ("-", 4)))  # the last operation is always Third
+    assert shorter.instruction() == "Second add seven. Third subtract four."
+    assert shorter.chain() == ("The number is 6. Second: 6 + 7 = 13. Third: 13 - 4 = 9. "
+                               "The answer is 9.")
+    assert world.Problem(6, (("-", 4),)).instruction() == "Third subtract four."
     assert not world.Problem(3, (("+", 4), ("-", 4))).valid()  # its answer is the digit itself
     assert not world.Problem(2, (("-", 3),)).valid()  # below zero
 
@@ -346,8 +352,9 @@ def test_the_oracle_trains_only_gate_parameters_on_labelled_chains(trio, tmp_pat
     cross-entropy on VL-reasoning chains. It moves the gates, nothing else."""
     model, processor, gated, args = merged_model(trio, "--steps", "3", "--gate-init", "4")
     chains = benchmarks.reasoning_chains(processor, 8, seed=0)
-    assert all(c.question.split(" First ")[0] in world.PERCEPTION_QUESTIONS and c.ids[-1] ==
-               processor.tokenizer.convert_tokens_to_ids("<|im_end|>") for c in chains)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(re.split(" (?:First|Second|Third) ", c.question)[0] in world.PERCEPTION_QUESTIONS
+               and c.ids[-1] == end for c in chains)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
     answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
     objective = rows.oracle(8, seed=0)(model, processor, gated, answers, args)
@@ -625,11 +632,12 @@ def committed():
 
 
 def test_the_committed_summary_is_five_or_more_fresh_worlds_with_every_row():
-    """`python toy.py --seeds N --full`, N >= 5, on seeds the world's recipe was not set on (it
-    was set on seeds 100 and up), every row of the table in every world."""
+    """`python toy.py --seeds N --full`, N >= 5, on fresh seeds of today's recipe: from the
+    default first seed on, built only after the recipe froze (it was set on seeds 20-49 and 100
+    and up), every row of the table in every world."""
     summary = committed()
     assert summary["seeds"] >= 5 and summary["full"] and not summary["only"]
-    assert all(seed < 100 for seed in summary["seed_list"])
+    assert all(toy.FIRST_SEED <= seed < 100 for seed in summary["seed_list"])
     names = [name for line in rows.MINIATURE for name in line.rows()]
     assert all(list(s["rows"]) == names for s in summary["per_seed"])
 

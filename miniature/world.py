@@ -3,13 +3,13 @@ trained from scratch on the CPU (BASE, the LRM, the VLM), and the tiny trio the 
 the same parts. It uses frism.py only to know which weights are merged.
 
 The skill. A problem is a digit and one to three operations (its depth), each under its ordinal,
-its operand in words: "First add seven. Second subtract four." Its worked chain states the digit,
-then one numbered step an operation ("The number is 6. First: 6 + 7 = 13. Second: 13 - 4 = 9. The
-answer is 9."). BASE knows the single facts ("What is 13 minus four?" -> "13 - 4 = 9."), as a
-pre-trained LLM knows arithmetic; the LRM learns to chain them, on problems of every depth; the
-VLM learns to read the digit from an image. A VL-reasoning item shows the digit and asks the
-rest, so answering it takes both. A quarter of all problems are held out (`Problem.held_out`): the
-LRM never trains on them, and every benchmark asks only them.
+its operand in words, the last always Third: "Second add seven. Third subtract four." Its worked
+chain states the digit, then one numbered step an operation ("The number is 6. Second: 6 + 7 =
+13. Third: 13 - 4 = 9. The answer is 9."). BASE knows the single facts ("What is 13 minus
+four?" -> "13 - 4 = 9."), as a pre-trained LLM knows arithmetic; the LRM learns to chain them,
+on problems of every depth; the VLM learns to read the digit from an image. A VL-reasoning item
+shows the digit and asks the rest, so answering it takes both. A quarter of all problems are held
+out (`Problem.held_out`): the LRM never trains on them, and every benchmark asks only them.
 """
 import functools
 import itertools
@@ -157,17 +157,24 @@ class Problem(NamedTuple):
     def answer(self):
         return self.values()[-1]
 
+    def ordinal(self, i):
+        """Operation i's ordinal, counted so that the last operation is always Third (ours): a
+        problem of depth d is the last d steps of a three-step one, and each ordinal stands in one
+        place, "Second" always one step before the end. Counted from the first, "Second" ended the
+        question at depth 2 and not at depth 3, and the LRM's weakest cell sat there."""
+        return ORDINALS[i + len(ORDINALS) - self.depth]
+
     def instruction(self):
-        """The operations in order, each under its ordinal: "First add seven. Second subtract
+        """The operations in order, each under its ordinal: "Second add seven. Third subtract
         four." (ours: an ordinal is one word that the chain repeats, so that each step finds its
         operation by it, whatever the number words around it)."""
-        return " ".join(f"{ORDINALS[i]} {SAID[op]} {NUMBER_WORDS[k]}."
+        return " ".join(f"{self.ordinal(i)} {SAID[op]} {NUMBER_WORDS[k]}."
                         for i, (op, k) in enumerate(self.ops))
 
     def chain(self):
         """The worked answer: the digit, one step an operation under its ordinal, the answer."""
         values = self.values()
-        steps = " ".join(f"{ORDINALS[i]}: {a} {op} {k} = {b}." for i, (a, (op, k), b) in
+        steps = " ".join(f"{self.ordinal(i)}: {a} {op} {k} = {b}." for i, (a, (op, k), b) in
                          enumerate(zip(values, self.ops, values[1:])))
         return f"{perceive(self.digit)} {steps} The answer is {self.answer}."
 
