@@ -353,7 +353,8 @@ def test_the_oracle_trains_only_gate_parameters_on_labelled_chains(trio, tmp_pat
     model, processor, gated, args = merged_model(trio, "--steps", "3", "--gate-init", "4")
     chains = benchmarks.reasoning_chains(processor, 8, seed=0)
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert all(re.split(" (?:First|Second|Third) ", c.question)[0] in world.PERCEPTION_QUESTIONS
+    ordinal = " (?:" + "|".join(world.ORDINALS) + ") "  # the question's first operation
+    assert all(re.split(ordinal, c.question)[0] in world.PERCEPTION_QUESTIONS
                and c.ids[-1] == end for c in chains)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".g")}
     answers = frism.teacher_answers(model, processor, gated, frism.load_calibration(args), args)
